@@ -1,0 +1,351 @@
+// vqkit/layers/vector_quantizer.hpp - the quantizer layer.
+//
+//   forward:  x (N x D) -> quantized (N x D), indices (N), loss terms, metrics
+//   backward: dL/dquantized (N x D) -> dL/dx (N x D)  [straight-through + commitment]
+//
+// It composes the primitives: nearest_code, cluster_stats, ema_update,
+// normalized_init, kmeans, MemoryBank, UsageTracker and the dead-code
+// policies, vq_loss and its gradients. One training step (train mode) does,
+// in this order:
+//   1. validate x (shape, non-empty, finite); nothing has changed if it throws;
+//   2. push x into the memory bank; if the data-driven init is pending and
+//      the bank holds init_min_rows rows, run k-means over the bank and
+//      re-initialise codes and EMA state (until then the normalised init
+//      serves, so a first batch smaller than the codebook is fine);
+//   3. search, gather quantized = e_a, residual r = x - q, loss terms;
+//   4. EMA mode: update N, M and the codes from the batch (the returned
+//      quantized and loss use the codes from before the update);
+//   5. record usage; step += 1; compute metrics;
+//   6. apply the dead-code policy (after the EMA update, so a reset code
+//      is not overwritten by this step's update).
+// In eval mode forward changes nothing at all.
+//
+// EMA state starts consistent (N_k = 1, M_k = e_k after the normalised init;
+// N_k = c_k, M_k = c_k e_k after k-means, with c_k the cluster's row count
+// scaled to rows per step), see ema.hpp.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "vqkit/core/backend.hpp"
+#include "vqkit/core/check.hpp"
+#include "vqkit/core/random.hpp"
+#include "vqkit/core/types.hpp"
+#include "vqkit/layers/parameter.hpp"
+#include "vqkit/quantizer/cluster_stats.hpp"
+#include "vqkit/quantizer/dead_codes.hpp"
+#include "vqkit/quantizer/ema.hpp"
+#include "vqkit/quantizer/init.hpp"
+#include "vqkit/quantizer/kmeans.hpp"
+#include "vqkit/quantizer/loss.hpp"
+#include "vqkit/quantizer/memory_bank.hpp"
+#include "vqkit/quantizer/metrics.hpp"
+#include "vqkit/quantizer/nearest_code.hpp"
+
+namespace vqkit {
+
+enum class CodebookUpdate { ema, gradient };
+enum class InitMethod { kmeans, normalized };
+
+inline const char* to_string(CodebookUpdate u) { return u == CodebookUpdate::ema ? "ema" : "gradient"; }
+inline const char* to_string(InitMethod m) { return m == InitMethod::kmeans ? "kmeans" : "normalized"; }
+
+struct VectorQuantizerConfig {
+  Index codebook_size = 1024;  ///< K
+  Index dim = 64;              ///< D, the code dimension
+  Metric metric = Metric::l2;
+  CodebookUpdate update = CodebookUpdate::ema;
+  EmaOptions ema;
+  LossOptions loss;
+  DeadCodeOptions dead;
+  InitMethod init = InitMethod::kmeans;  ///< data-driven (k-means over the bank) or normalised only
+  int kmeans_iterations = 10;
+  Index memory_bank_size = 0;      ///< rows; 0 means 10 * codebook_size
+  Index init_min_rows = 0;         ///< bank rows the k-means init waits for; 0 means codebook_size
+  std::int64_t usage_window = 10;  ///< steps, for window usage
+  std::uint64_t seed = 0;
+  SearchOptions search;
+
+  Index bank_rows() const { return memory_bank_size > 0 ? memory_bank_size : 10 * codebook_size; }
+  Index init_rows() const { return init_min_rows > 0 ? init_min_rows : codebook_size; }
+
+  void validate() const {
+    constexpr const char* where = "VectorQuantizerConfig";
+    VQKIT_REQUIRE(codebook_size >= 1, where, "codebook_size must be >= 1, got K=", codebook_size);
+    VQKIT_REQUIRE(dim >= 1, where, "dim must be >= 1, got D=", dim);
+    ema.validate(where);
+    loss.validate(where);
+    dead.validate(where);
+    VQKIT_REQUIRE(kmeans_iterations >= 0, where, "kmeans_iterations must be >= 0, got ",
+                  kmeans_iterations);
+    VQKIT_REQUIRE(memory_bank_size >= 0, where, "memory_bank_size must be >= 0, got ",
+                  memory_bank_size);
+    VQKIT_REQUIRE(init_min_rows >= 0, where, "init_min_rows must be >= 0, got ", init_min_rows);
+    VQKIT_REQUIRE(init_rows() >= codebook_size, where, "init_min_rows (", init_rows(),
+                  ") must be >= codebook_size (", codebook_size, ") for k-means");
+    VQKIT_REQUIRE(bank_rows() >= init_rows() || init == InitMethod::normalized, where,
+                  "memory_bank_size (", bank_rows(), ") must be >= init_min_rows (", init_rows(),
+                  ")");
+    VQKIT_REQUIRE(bank_rows() >= codebook_size || dead.policy != DeadCodePolicy::kmeans_reinit,
+                  where, "memory_bank_size (", bank_rows(),
+                  ") must be >= codebook_size for the kmeans_reinit policy");
+    VQKIT_REQUIRE(usage_window >= 1, where, "usage_window must be >= 1, got ", usage_window);
+    VQKIT_REQUIRE(search.row_block >= 1 && search.code_block >= 1, where,
+                  "search blocks must be >= 1");
+  }
+};
+
+template <class T, class Backend = cpu>
+class VectorQuantizer {
+ public:
+  /// Everything a forward produced; backward needs indices and residual.
+  struct Context {
+    IndexVector indices;   ///< N: chosen code per row
+    RowMatrix<T> residual; ///< N x D: x - q
+    VqLoss loss;
+    CodebookMetrics metrics;
+    bool training = false;
+    bool data_initialized = false;  ///< the k-means init ran in this step
+    bool reinitialized = false;     ///< the kmeans_reinit policy fired in this step
+    Index replaced = 0;             ///< codes replaced by the replace policy in this step
+  };
+
+  explicit VectorQuantizer(const VectorQuantizerConfig& cfg, Backend backend = {})
+      : cfg_((cfg.validate(), cfg)),
+        backend_(backend),
+        rng_(cfg.seed),
+        codes_(normalized_init<T>(cfg.codebook_size, cfg.dim, rng_)),
+        grad_(RowMatrix<T>::Zero(cfg.codebook_size, cfg.dim)),
+        bank_(cfg.bank_rows(), cfg.dim),
+        usage_(cfg.codebook_size),
+        data_initialized_(cfg.init == InitMethod::normalized) {
+    ema_reset<T>(ema_, codes_, Vector<T>::Ones(cfg.codebook_size));
+  }
+
+  const VectorQuantizerConfig& config() const { return cfg_; }
+  Index codebook_size() const { return cfg_.codebook_size; }
+  Index dim() const { return cfg_.dim; }
+
+  void train(bool on = true) { training_ = on; }
+  void eval() { training_ = false; }
+  bool is_training() const { return training_; }
+
+  /// See the file comment for the order of a training step.
+  Context forward(ConstMatrixRef<T> x, RowMatrix<T>& quantized) {
+    constexpr const char* where = "VectorQuantizer::forward";
+    detail::require_batch(x, cfg_.dim, where, "x");
+    detail::require_finite(x, where, "x");
+
+    Context ctx;
+    ctx.training = training_;
+    const Index N = x.rows(), K = cfg_.codebook_size;
+    if (training_) {
+      bank_.push(x, rng_);
+      if (!data_initialized_ && bank_.size() >= cfg_.init_rows()) {
+        reinit_from_bank(N);
+        data_initialized_ = true;
+        ctx.data_initialized = true;
+      }
+    }
+
+    ctx.indices.resize(N);
+    nearest_code<T>(backend_, codes_, x, ctx.indices, nullptr, cfg_.search);
+    quantized.resize(N, cfg_.dim);
+    for (Index i = 0; i < N; ++i) quantized.row(i) = codes_.row(ctx.indices[i]);
+    ctx.residual = x - quantized;
+    ctx.loss = vq_loss<T>(ctx.residual, cfg_.loss);
+
+    Vector<T> counts;
+    if (training_ && cfg_.update == CodebookUpdate::ema) {
+      auto st = cluster_stats<T>(backend_, x, ctx.indices, K);
+      ema_update<T>(backend_, ema_, st, cfg_.ema, codes_);
+      counts = std::move(st.counts);
+    } else {
+      counts = cluster_counts<T>(ctx.indices, K);
+      if (training_) {  // gradient mode still tracks EMA cluster sizes (replace policy)
+        const T g = T(cfg_.ema.decay);
+        ema_.cluster_size = g * ema_.cluster_size + (T(1) - g) * counts;
+      }
+    }
+    if (training_) {
+      usage_.record(counts);
+      ++step_;
+    }
+    ctx.metrics = batch_metrics(counts);
+    ctx.metrics.window = cfg_.usage_window;
+    ctx.metrics.window_usage = usage_.used_within(cfg_.usage_window);
+    ctx.metrics.dead = usage_.dead(cfg_.dead.dead_after);
+    ctx.metrics.overflow_rows = bank_.overflow_rows();
+
+    if (training_) apply_dead_code_policy(ctx, N);
+    return ctx;
+  }
+
+  /// dq: N x D gradient w.r.t. the quantized output (0 rows: none).
+  /// Overwrites *dx with dq + the commitment gradient; in gradient-update
+  /// mode also accumulates the codebook term's gradient into codebook_grad().
+  void backward(const Context& ctx, ConstMatrixRef<T> dq, RowMatrix<T>* dx) {
+    constexpr const char* where = "VectorQuantizer::backward";
+    VQKIT_REQUIRE(ctx.residual.rows() == ctx.indices.size() && ctx.residual.cols() == cfg_.dim,
+                  where, "the context does not come from this layer's forward");
+    VQKIT_REQUIRE(dq.rows() == 0 || (dq.rows() == ctx.residual.rows() && dq.cols() == cfg_.dim),
+                  where, "dq is ", dq.rows(), "x", dq.cols(), ", expected ", ctx.residual.rows(),
+                  "x", cfg_.dim);
+    if (cfg_.update == CodebookUpdate::gradient)
+      vq_codebook_grad<T>(ctx.residual, ctx.indices, cfg_.loss, grad_);
+    if (dx) vq_input_grad<T>(ctx.residual, dq, cfg_.loss, *dx);
+  }
+
+  /// Trainable parameters: the codebook in gradient-update mode, none under EMA.
+  ParameterList<T> parameters() {
+    if (cfg_.update != CodebookUpdate::gradient) return {};
+    return {ParameterRef<T>{"codebook", &codes_, &grad_, {cfg_.codebook_size, cfg_.dim}, false}};
+  }
+  void zero_grad() { grad_.setZero(); }
+
+  const RowMatrix<T>& codebook() const { return codes_; }
+  const RowMatrix<T>& codebook_grad() const { return grad_; }
+  const EmaState<T>& ema_state() const { return ema_; }
+  const UsageTracker& usage() const { return usage_; }
+  const MemoryBank<T>& memory_bank() const { return bank_; }
+  const Rng& rng() const { return rng_; }
+  std::int64_t step() const { return step_; }
+  std::int64_t reinit_count() const { return reinits_; }
+  std::int64_t replaced_count() const { return replaced_; }
+  bool data_initialized() const { return data_initialized_; }
+  const Backend& backend() const { return backend_; }
+
+  /// Replaces the codebook (e.g. from a trained model); the EMA state is
+  /// reset consistently with N_k = 1.
+  void set_codebook(ConstMatrixRef<T> codes) {
+    constexpr const char* where = "VectorQuantizer::set_codebook";
+    VQKIT_REQUIRE(codes.rows() == cfg_.codebook_size && codes.cols() == cfg_.dim, where,
+                  "codes are ", codes.rows(), "x", codes.cols(), ", expected ",
+                  cfg_.codebook_size, "x", cfg_.dim);
+    detail::require_finite(codes, where, "codes");
+    codes_ = codes;
+    ema_reset<T>(ema_, codes_, Vector<T>::Ones(cfg_.codebook_size));
+    usage_.reset_all();
+    data_initialized_ = true;
+  }
+
+  /// The complete mutable state, for checkpoints (see io/checkpoint.hpp).
+  struct State {
+    RowMatrix<T> codes, grad;
+    EmaState<T> ema;
+    IndexVector steps_since_used, used_since_reset;
+    RowMatrix<T> bank;
+    Index bank_size = 0, bank_head = 0;
+    std::int64_t bank_overflow = 0;
+    Rng::State rng{};
+    std::int64_t step = 0, reinits = 0, replaced = 0;
+    bool data_initialized = false, training = true;
+  };
+
+  State state() const {
+    State s;
+    s.codes = codes_;
+    s.grad = grad_;
+    s.ema = ema_;
+    s.steps_since_used = usage_.steps_since_used();
+    s.used_since_reset = usage_.used_since_reset();
+    s.bank = bank_.storage();
+    s.bank_size = bank_.size();
+    s.bank_head = bank_.head();
+    s.bank_overflow = bank_.overflow_rows();
+    s.rng = rng_.state();
+    s.step = step_;
+    s.reinits = reinits_;
+    s.replaced = replaced_;
+    s.data_initialized = data_initialized_;
+    s.training = training_;
+    return s;
+  }
+
+  /// Restores a state taken from a quantizer with the same config; checks
+  /// every shape first, so a bad state leaves this quantizer untouched.
+  void set_state(State s) {
+    constexpr const char* where = "VectorQuantizer::set_state";
+    const Index K = cfg_.codebook_size, D = cfg_.dim;
+    auto shape_ok = [&](const auto& m, Index r, Index c) { return m.rows() == r && m.cols() == c; };
+    VQKIT_REQUIRE(shape_ok(s.codes, K, D), where, "codebook is ", s.codes.rows(), "x",
+                  s.codes.cols(), ", expected ", K, "x", D);
+    VQKIT_REQUIRE(shape_ok(s.grad, K, D), where, "codebook_grad is ", s.grad.rows(), "x",
+                  s.grad.cols(), ", expected ", K, "x", D);
+    VQKIT_REQUIRE(s.ema.cluster_size.size() == K && shape_ok(s.ema.embed_sum, K, D), where,
+                  "EMA state does not match K=", K, ", D=", D);
+    VQKIT_REQUIRE(s.steps_since_used.size() == K && s.used_since_reset.size() == K, where,
+                  "usage counters do not match K=", K);
+    VQKIT_REQUIRE(shape_ok(s.bank, cfg_.bank_rows(), D), where, "memory bank is ",
+                  s.bank.rows(), "x", s.bank.cols(), ", expected ", cfg_.bank_rows(), "x", D);
+    VQKIT_REQUIRE(s.step >= 0 && s.reinits >= 0 && s.replaced >= 0, where,
+                  "negative step counters");
+    detail::require_finite(s.codes, where, "codebook");
+    detail::require_finite(s.ema.embed_sum, where, "EMA sums");
+    MemoryBank<T> bank(cfg_.bank_rows(), D);
+    bank.restore(std::move(s.bank), s.bank_size, s.bank_head, s.bank_overflow);
+    // All checks passed: commit.
+    codes_ = std::move(s.codes);
+    grad_ = std::move(s.grad);
+    ema_ = std::move(s.ema);
+    usage_.restore(std::move(s.steps_since_used), std::move(s.used_since_reset));
+    bank_ = std::move(bank);
+    rng_.set_state(s.rng);
+    step_ = s.step;
+    reinits_ = s.reinits;
+    replaced_ = s.replaced;
+    data_initialized_ = s.data_initialized;
+    training_ = s.training;
+  }
+
+ private:
+  /// k-means over the memory bank; codes and EMA state re-initialised
+  /// consistently, cluster counts scaled to `rows_per_step`.
+  void reinit_from_bank(Index rows_per_step) {
+    KMeansOptions ko;
+    ko.k = cfg_.codebook_size;
+    ko.iterations = cfg_.kmeans_iterations;
+    auto km = kmeans<T>(backend_, bank_.rows(), ko, rng_);
+    codes_ = std::move(km.centroids);
+    const T scale = T(double(rows_per_step) / double(bank_.size()));
+    ema_reset<T>(ema_, codes_, km.counts * scale);
+    usage_.reset_all();
+  }
+
+  void apply_dead_code_policy(Context& ctx, Index rows_per_step) {
+    const Index K = cfg_.codebook_size;
+    if (cfg_.dead.policy == DeadCodePolicy::kmeans_reinit) {
+      if (data_initialized_ && bank_.size() >= K &&
+          kmeans_reinit_due(cfg_.dead, step_, ctx.metrics.dead, K)) {
+        reinit_from_bank(rows_per_step);
+        ++reinits_;
+        ctx.reinitialized = true;
+      }
+    } else if (cfg_.dead.policy == DeadCodePolicy::replace && data_initialized_) {
+      const T mean = ema_.cluster_size.sum() / T(K);
+      const T threshold = T(cfg_.dead.replace_threshold) * mean;
+      for (Index k = 0; k < K; ++k) {
+        if (ema_.cluster_size[k] >= threshold) continue;
+        const auto row = bank_.random_row(rng_);
+        ema_reset_code<T>(ema_, codes_, k, row, mean);
+        usage_.reset(k);
+        ++ctx.replaced;
+      }
+      replaced_ += ctx.replaced;
+    }
+  }
+
+  VectorQuantizerConfig cfg_;
+  Backend backend_;
+  Rng rng_;
+  RowMatrix<T> codes_, grad_;
+  EmaState<T> ema_;
+  MemoryBank<T> bank_;
+  UsageTracker usage_;
+  std::int64_t step_ = 0, reinits_ = 0, replaced_ = 0;
+  bool data_initialized_ = false;
+  bool training_ = true;
+};
+
+}  // namespace vqkit

@@ -1,0 +1,120 @@
+// vqkit/quantizer/dead_codes.hpp - per-code usage counters and the two
+// dead-code policies.
+//
+// Every training step, steps_since_used[k] becomes 0 for each code the batch
+// picked and grows by 1 for every other code. A code is *dead* once it has
+// gone unused for >= dead_after steps (CoPilot4D: 256). The same counters
+// give usage over a window: codes with steps_since_used < window.
+//
+// Policies (DeadCodePolicy):
+//  - kmeans_reinit (the paper's): at steps that are multiples of
+//    check_every, from min_steps on, if more than max_dead_fraction of the
+//    codes are dead, re-run k-means over the memory bank and re-initialise
+//    the whole codebook (and its EMA state, consistently).
+//  - replace (SoundStream / vector-quantize-pytorch): after each step, every
+//    code whose EMA cluster size N_k fell below replace_threshold times the
+//    mean cluster size (a fraction, so it does not depend on the batch size
+//    or K) is replaced by a random row of the memory bank; its e, N and M
+//    are reset together, with N_k = the mean cluster size.
+//  - none.
+// The quantizer layer applies a policy after the EMA update of the step, so
+// a reset code is never overwritten by that step's update.
+#pragma once
+
+#include <cstdint>
+
+#include "vqkit/core/error.hpp"
+#include "vqkit/core/types.hpp"
+
+namespace vqkit {
+
+enum class DeadCodePolicy { none, kmeans_reinit, replace };
+
+inline const char* to_string(DeadCodePolicy p) {
+  switch (p) {
+    case DeadCodePolicy::none: return "none";
+    case DeadCodePolicy::kmeans_reinit: return "kmeans_reinit";
+    case DeadCodePolicy::replace: return "replace";
+  }
+  return "?";
+}
+
+inline DeadCodePolicy parse_dead_code_policy(const std::string& s) {
+  if (s == "none") return DeadCodePolicy::none;
+  if (s == "kmeans_reinit" || s == "kmeans") return DeadCodePolicy::kmeans_reinit;
+  if (s == "replace") return DeadCodePolicy::replace;
+  detail::throw_error("parse_dead_code_policy", "unknown policy '", s,
+                      "' (expected none, kmeans_reinit or replace)");
+}
+
+struct DeadCodeOptions {
+  DeadCodePolicy policy = DeadCodePolicy::kmeans_reinit;
+  std::int64_t dead_after = 256;     ///< steps unused after which a code is dead
+  std::int64_t check_every = 100;    ///< kmeans_reinit: check period (steps)
+  std::int64_t min_steps = 200;      ///< kmeans_reinit: no check before this step
+  double max_dead_fraction = 0.03;   ///< kmeans_reinit: re-init when more are dead
+  double replace_threshold = 0.1;    ///< replace: fraction of the mean EMA cluster size
+
+  void validate(const char* where) const {
+    VQKIT_REQUIRE(dead_after >= 1, where, "dead_after must be >= 1, got ", dead_after);
+    VQKIT_REQUIRE(check_every >= 1, where, "check_every must be >= 1, got ", check_every);
+    VQKIT_REQUIRE(min_steps >= 0, where, "min_steps must be >= 0, got ", min_steps);
+    VQKIT_REQUIRE(max_dead_fraction >= 0.0 && max_dead_fraction < 1.0, where,
+                  "max_dead_fraction must lie in [0, 1), got ", max_dead_fraction);
+    VQKIT_REQUIRE(replace_threshold >= 0.0, where, "replace_threshold must be >= 0, got ",
+                  replace_threshold);
+  }
+};
+
+/// Per-code steps since last use (or since the code was last (re)initialised,
+/// for a code not used since), and whether it has been used since then.
+class UsageTracker {
+ public:
+  UsageTracker() = default;
+  explicit UsageTracker(Index K) : since_(IndexVector::Zero(K)), used_(IndexVector::Zero(K)) {}
+
+  Index size() const { return since_.size(); }
+  const IndexVector& steps_since_used() const { return since_; }
+  /// 1 where the code has been picked since its last (re)initialisation.
+  const IndexVector& used_since_reset() const { return used_; }
+  void restore(IndexVector since, IndexVector used) {
+    VQKIT_REQUIRE(since.size() == used.size(), "UsageTracker::restore", "sizes differ: ",
+                  since.size(), " and ", used.size());
+    since_ = std::move(since);
+    used_ = std::move(used);
+  }
+
+  /// Records one step given the batch counts n_k.
+  template <class Counts>
+  void record(const Counts& counts) {
+    for (Index k = 0; k < since_.size(); ++k) {
+      const bool hit = counts[k] > 0;
+      since_[k] = hit ? 0 : since_[k] + 1;
+      if (hit) used_[k] = 1;
+    }
+  }
+  void reset_all() {
+    since_.setZero();
+    used_.setZero();
+  }
+  void reset(Index k) { since_[k] = used_[k] = 0; }
+
+  /// Codes unused for >= dead_after steps.
+  Index dead(std::int64_t dead_after) const { return (since_.array() >= dead_after).count(); }
+  /// Codes picked at least once in the last `window` steps.
+  Index used_within(std::int64_t window) const {
+    return (since_.array() < window && used_.array() != 0).count();
+  }
+
+ private:
+  IndexVector since_, used_;
+};
+
+/// The paper policy's decision at step `step` (1-based count of training steps done).
+inline bool kmeans_reinit_due(const DeadCodeOptions& o, std::int64_t step, Index dead, Index K) {
+  if (o.policy != DeadCodePolicy::kmeans_reinit) return false;
+  if (step < o.min_steps || step % o.check_every != 0) return false;
+  return double(dead) > o.max_dead_fraction * double(K);
+}
+
+}  // namespace vqkit

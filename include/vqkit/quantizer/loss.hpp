@@ -1,0 +1,86 @@
+// vqkit/quantizer/loss.hpp - the VQ loss terms and their gradients.
+//
+// With x the encoder output (N x D), q the selected codes (q_i = e_{a_i}) and
+// sg the stop-gradient:
+//   codebook term    L_cb = codebook_weight   * ||sg[x] - q||^2  (moves codes)
+//   commitment term  L_cm = commitment_weight * ||x - sg[q]||^2  (moves the encoder)
+// Defaults are the CoPilot4D paper's: codebook_weight 0.25, commitment_weight
+// 1.0. (The original VQ-VAE has it the other way round; the names say which
+// term a weight multiplies, so nothing hinges on a convention.)
+//
+// Reduction of ||.||^2 over the N x D residual r = x - q:
+//   Reduction::mean          sum(r^2) / (N*D)   - PyTorch's F.mse_loss, the default
+//   Reduction::sum_over_dim  sum(r^2) / N       - the paper's ||.||^2 per vector, averaged over N
+//
+// Gradients (straight-through estimator: forward output q, backward identity):
+//   dL/dx   = dL/dq_out + commitment_weight * 2 r / s
+//   dL/de_k = codebook_weight * 2 * sum_{i : a_i = k} (-r_i) / s   (gradient-update mode only)
+// with s = N*D or N. Under EMA updates the codebook term gets no gradient at
+// all; it is still reported, for monitoring.
+#pragma once
+
+#include "vqkit/core/check.hpp"
+#include "vqkit/core/types.hpp"
+
+namespace vqkit {
+
+enum class Reduction { mean, sum_over_dim };
+
+inline const char* to_string(Reduction r) { return r == Reduction::mean ? "mean" : "sum_over_dim"; }
+
+struct LossOptions {
+  double codebook_weight = 0.25;
+  double commitment_weight = 1.0;
+  Reduction reduction = Reduction::mean;
+
+  void validate(const char* where) const {
+    VQKIT_REQUIRE(codebook_weight >= 0 && std::isfinite(codebook_weight), where,
+                  "codebook_weight must be finite and >= 0, got ", codebook_weight);
+    VQKIT_REQUIRE(commitment_weight >= 0 && std::isfinite(commitment_weight), where,
+                  "commitment_weight must be finite and >= 0, got ", commitment_weight);
+  }
+  /// The divisor s of the reduction.
+  double scale(Index N, Index D) const {
+    return reduction == Reduction::mean ? double(N) * double(D) : double(N);
+  }
+};
+
+struct VqLoss {
+  double distortion = 0;  ///< ||x - q||^2 under the reduction, unweighted
+  double codebook = 0;    ///< codebook_weight * distortion
+  double commitment = 0;  ///< commitment_weight * distortion
+  double total = 0;       ///< codebook + commitment
+};
+
+/// Loss terms from the residual r = x - q.
+template <class T>
+VqLoss vq_loss(ConstMatrixRef<T> residual, const LossOptions& opt) {
+  VqLoss l;
+  const double sq = residual.template cast<double>().squaredNorm();
+  l.distortion = sq / opt.scale(residual.rows(), residual.cols());
+  l.codebook = opt.codebook_weight * l.distortion;
+  l.commitment = opt.commitment_weight * l.distortion;
+  l.total = l.codebook + l.commitment;
+  return l;
+}
+
+/// dx = dq + commitment gradient; dq may be empty (0 rows) for "no upstream gradient".
+template <class T>
+void vq_input_grad(ConstMatrixRef<T> residual, ConstMatrixRef<T> dq, const LossOptions& opt,
+                   RowMatrix<T>& dx) {
+  const T c = T(2.0 * opt.commitment_weight / opt.scale(residual.rows(), residual.cols()));
+  if (dq.rows() == 0)
+    dx = c * residual;
+  else
+    dx = dq + c * residual;
+}
+
+/// Accumulates the codebook term's gradient into dcodes (K x D).
+template <class T>
+void vq_codebook_grad(ConstMatrixRef<T> residual, const Eigen::Ref<const IndexVector>& idx,
+                      const LossOptions& opt, MatrixRef<T> dcodes) {
+  const T c = T(-2.0 * opt.codebook_weight / opt.scale(residual.rows(), residual.cols()));
+  for (Index i = 0; i < residual.rows(); ++i) dcodes.row(idx[i]) += c * residual.row(i);
+}
+
+}  // namespace vqkit

@@ -1,0 +1,95 @@
+// vqkit/quantizer/memory_bank.hpp - ring buffer of recent encoder outputs.
+//
+// Holds up to `capacity` rows of dimension D, the most recent ones; the
+// data-driven (re)initialisation runs k-means over it, and the per-code
+// replacement policy draws from it.
+//
+// A batch larger than the whole bank cannot fit. It is not cut silently:
+// push() then stores a uniformly random subset of `capacity` rows of that
+// batch (drawn with the caller's Rng, so runs stay reproducible), replacing
+// the whole bank, and counts the rows left out in overflow_rows(), which the
+// quantizer reports in its metrics. Choose capacity >= rows per step to keep
+// every row (the quantizer defaults to 10 x the codebook size).
+#pragma once
+
+#include <algorithm>
+#include <vector>
+
+#include "vqkit/core/check.hpp"
+#include "vqkit/core/random.hpp"
+#include "vqkit/core/types.hpp"
+
+namespace vqkit {
+
+template <class T>
+class MemoryBank {
+ public:
+  MemoryBank() = default;
+  MemoryBank(Index capacity, Index dim) : data_(capacity, dim) {
+    VQKIT_REQUIRE(capacity >= 1, "MemoryBank", "capacity must be >= 1, got ", capacity);
+    VQKIT_REQUIRE(dim >= 1, "MemoryBank", "dim must be >= 1, got ", dim);
+  }
+
+  Index capacity() const { return data_.rows(); }
+  Index dim() const { return data_.cols(); }
+  Index size() const { return size_; }
+  Index head() const { return head_; }
+  std::int64_t overflow_rows() const { return overflow_; }
+  bool full() const { return size_ == capacity(); }
+
+  /// The stored rows in storage order (row i of the ring, not age order).
+  auto rows() const { return data_.topRows(size_); }
+
+  void clear() { size_ = head_ = 0; }
+
+  void push(ConstMatrixRef<T> x, Rng& rng) {
+    VQKIT_REQUIRE(x.cols() == dim(), "MemoryBank::push", "x has ", x.cols(),
+                  " columns, expected ", dim());
+    const Index n = x.rows(), cap = capacity();
+    if (n > cap) {
+      std::vector<Index> perm(n);
+      for (Index i = 0; i < n; ++i) perm[i] = i;
+      for (Index j = 0; j < cap; ++j) {
+        const Index r = j + Index(rng.below(std::uint64_t(n - j)));
+        std::swap(perm[j], perm[r]);
+      }
+      std::sort(perm.begin(), perm.begin() + cap);  // keep the batch's order
+      for (Index j = 0; j < cap; ++j) data_.row(j) = x.row(perm[j]);
+      size_ = cap;
+      head_ = 0;
+      overflow_ += n - cap;
+      return;
+    }
+    for (Index i = 0; i < n; ++i) {
+      data_.row(head_) = x.row(i);
+      head_ = (head_ + 1) % cap;
+    }
+    size_ = std::min(cap, size_ + n);
+  }
+
+  /// A uniformly random stored row.
+  auto random_row(Rng& rng) const {
+    VQKIT_REQUIRE(size_ > 0, "MemoryBank::random_row", "the bank is empty");
+    return data_.row(Index(rng.below(std::uint64_t(size_))));
+  }
+
+  /// Raw access for checkpoints.
+  const RowMatrix<T>& storage() const { return data_; }
+  void restore(RowMatrix<T> storage, Index size, Index head, std::int64_t overflow) {
+    VQKIT_REQUIRE(storage.rows() >= 1 && size >= 0 && size <= storage.rows() && head >= 0 &&
+                      head < storage.rows() && overflow >= 0,
+                  "MemoryBank::restore", "inconsistent bank: capacity ", storage.rows(), ", size ",
+                  size, ", head ", head, ", overflow ", overflow);
+    data_ = std::move(storage);
+    size_ = size;
+    head_ = head;
+    overflow_ = overflow;
+  }
+
+ private:
+  RowMatrix<T> data_;
+  Index size_ = 0, head_ = 0;
+  std::int64_t overflow_ = 0;
+};
+
+}  // namespace vqkit
