@@ -61,6 +61,7 @@ struct VectorQuantizerConfig {
   DeadCodeOptions dead;
   InitMethod init = InitMethod::kmeans;  ///< data-driven (k-means over the bank) or normalised only
   int kmeans_iterations = 10;
+  double kmeans_min_cluster_fraction = 0.5;  ///< see KMeansOptions::min_cluster_fraction
   Index memory_bank_size = 0;      ///< rows; 0 means 10 * codebook_size
   Index init_min_rows = 0;         ///< bank rows the k-means init waits for; 0 means codebook_size
   std::int64_t usage_window = 10;  ///< steps, for window usage
@@ -79,6 +80,9 @@ struct VectorQuantizerConfig {
     dead.validate(where);
     VQKIT_REQUIRE(kmeans_iterations >= 0, where, "kmeans_iterations must be >= 0, got ",
                   kmeans_iterations);
+    VQKIT_REQUIRE(kmeans_min_cluster_fraction >= 0.0 && kmeans_min_cluster_fraction <= 1.0, where,
+                  "kmeans_min_cluster_fraction must lie in [0, 1], got ",
+                  kmeans_min_cluster_fraction);
     VQKIT_REQUIRE(memory_bank_size >= 0, where, "memory_bank_size must be >= 0, got ",
                   memory_bank_size);
     VQKIT_REQUIRE(init_min_rows >= 0, where, "init_min_rows must be >= 0, got ", init_min_rows);
@@ -306,6 +310,7 @@ class VectorQuantizer {
     KMeansOptions ko;
     ko.k = cfg_.codebook_size;
     ko.iterations = cfg_.kmeans_iterations;
+    ko.min_cluster_fraction = cfg_.kmeans_min_cluster_fraction;
     auto km = kmeans<T>(backend_, bank_.rows(), ko, rng_);
     codes_ = std::move(km.centroids);
     const T scale = T(double(rows_per_step) / double(bank_.size()));

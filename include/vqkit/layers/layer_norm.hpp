@@ -1,0 +1,155 @@
+// vqkit/layers/layer_norm.hpp - layer normalisation over the last dimension
+// (PyTorch's nn.LayerNorm(dim, eps), elementwise_affine=True).
+//
+// Shapes (N samples, C = dim; all row-major):
+//   x      (N, C)    one sample per row, each row normalised on its own
+//   weight (1, C)    gamma, initialised to ones
+//   bias   (1, C)    beta, initialised to zeros
+//   y      (N, C)
+//   mean   (N)       kept in Context
+//   rstd   (N)       kept in Context
+//
+// forward, for each row n:
+//   mean[n] = (1/C) sum_c x[n,c]
+//   var[n]  = (1/C) sum_c (x[n,c] - mean[n])^2       biased, like PyTorch
+//   rstd[n] = 1 / sqrt(var[n] + eps)
+//   xhat    = (x[n,:] - mean[n]) * rstd[n]           (C)
+//   y[n,:]  = xhat * weight + bias                   (C), elementwise
+//
+// backward, given dy = dL/dy (N, C), for each row n (xhat recomputed):
+//   dbias   (C) += dy[n,:]
+//   dweight (C) += dy[n,:] * xhat
+//   dxhat   (C)  = dy[n,:] * weight
+//   dx[n,:] (C)  = rstd[n] * (dxhat - mean_c(dxhat) - xhat * mean_c(dxhat * xhat))
+//   Parameter gradients accumulate (+=); dx is overwritten.
+//
+// Every check happens before the first write, so a call that throws
+// vqkit::error leaves the layer and the outputs untouched.
+#pragma once
+
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "vqkit/core/backend.hpp"
+#include "vqkit/core/error.hpp"
+#include "vqkit/core/types.hpp"
+#include "vqkit/layers/parameter.hpp"
+
+namespace vqkit {
+
+template <class T, class Backend = cpu>
+class LayerNorm {
+  static_assert(std::is_floating_point_v<T>, "LayerNorm<T>: T must be float or double");
+
+ public:
+  /// What backward needs from forward (owned).
+  struct Context {
+    RowMatrix<T> input;  // x    (N, C)
+    Vector<T> mean;      // mean (N)
+    Vector<T> rstd;      // rstd (N)
+  };
+
+  explicit LayerNorm(Index dim, T eps = T(1e-5), Backend backend = {})
+      : backend_(std::move(backend)), dim_(dim), eps_(eps) {
+    VQKIT_REQUIRE(dim >= 1, "LayerNorm", "dim must be >= 1, got dim=", dim);
+    VQKIT_REQUIRE(eps > T(0), "LayerNorm", "eps must be > 0, got eps=", eps);
+    weight = RowMatrix<T>::Ones(1, dim_);
+    bias = RowMatrix<T>::Zero(1, dim_);
+    weight_grad = RowMatrix<T>::Zero(1, dim_);
+    bias_grad = RowMatrix<T>::Zero(1, dim_);
+  }
+
+  /// x: (N, C). Resizes and fills y (N, C); y may be the same matrix as x.
+  Context forward(ConstMatrixRef<T> x, RowMatrix<T>& y) const {
+    check_state("LayerNorm::forward");
+    VQKIT_REQUIRE(x.cols() == dim_, "LayerNorm::forward", "x has ", x.cols(),
+                  " columns, expected dim=", dim_);
+    Context ctx;
+    ctx.input = x;  // copied first, so y may alias x
+    const RowMatrix<T>& in = ctx.input;
+    ctx.mean = in.rowwise().mean();                                      // (N)
+    ctx.rstd = ((in.colwise() - ctx.mean).array().square().rowwise().mean() + eps_).rsqrt();
+    y.resize(in.rows(), dim_);
+    y.array() = (((in.colwise() - ctx.mean).array().colwise() * ctx.rstd.array())  // xhat
+                     .rowwise() * weight.row(0).array())
+                    .rowwise() + bias.row(0).array();
+    return ctx;
+  }
+
+  /// dy: (N, C). Accumulates weight_grad / bias_grad; if dx is given,
+  /// overwrites it with dL/dx (N, C). dx may be the same matrix as dy.
+  void backward(const Context& ctx, ConstMatrixRef<T> dy, RowMatrix<T>* dx) {
+    check_state("LayerNorm::backward");
+    const Index n = ctx.input.rows();
+    VQKIT_REQUIRE(ctx.input.cols() == dim_, "LayerNorm::backward", "context input has ",
+                  ctx.input.cols(), " columns, expected dim=", dim_);
+    VQKIT_REQUIRE(ctx.mean.size() == n && ctx.rstd.size() == n, "LayerNorm::backward",
+                  "context mean/rstd have ", ctx.mean.size(), "/", ctx.rstd.size(),
+                  " entries, expected N=", n);
+    VQKIT_REQUIRE(dy.rows() == n && dy.cols() == dim_, "LayerNorm::backward", "dy is ",
+                  dy.rows(), "x", dy.cols(), ", expected ", n, "x", dim_,
+                  " (N from the forward input, dim=", dim_, ")");
+    // xhat (N, C), recomputed from the saved statistics.
+    const RowMatrix<T> xhat =
+        (ctx.input.colwise() - ctx.mean).array().colwise() * ctx.rstd.array();
+    const auto dxhat = dy.array().rowwise() * weight.row(0).array();  // (N, C), lazy
+    // Row statistics first, so that dx may overwrite dy below.
+    Vector<T> m1, m2;
+    if (dx != nullptr) {
+      m1 = dxhat.rowwise().mean();                    // mean_c(dxhat)        (N)
+      m2 = (dxhat * xhat.array()).rowwise().mean();   // mean_c(dxhat * xhat) (N)
+    }
+    weight_grad.array() += (dy.array() * xhat.array()).colwise().sum();
+    bias_grad += dy.colwise().sum();
+    if (dx != nullptr) {
+      dx->resize(n, dim_);
+      dx->array() = ((dxhat - xhat.array().colwise() * m2.array()).colwise() - m1.array())
+                        .colwise() * ctx.rstd.array();
+    }
+  }
+
+  /// "weight" {C} and "bias" {C}, both without weight decay; names prefixed
+  /// with `prefix`.
+  ParameterList<T> parameters(const std::string& prefix = "") {
+    ParameterList<T> list;
+    list.push_back({prefix + "weight", &weight, &weight_grad, {dim_}, false});
+    list.push_back({prefix + "bias", &bias, &bias_grad, {dim_}, false});
+    return list;
+  }
+
+  void zero_grad() {
+    weight_grad.setZero();
+    bias_grad.setZero();
+  }
+
+  Index dim() const { return dim_; }
+  Index in_features() const { return dim_; }
+  Index out_features() const { return dim_; }
+  T eps() const { return eps_; }
+  const Backend& backend() const { return backend_; }
+
+ private:
+  Backend backend_;
+  Index dim_;
+  T eps_;
+
+ public:
+  RowMatrix<T> weight;       // gamma (1, C)
+  RowMatrix<T> bias;         // beta  (1, C)
+  RowMatrix<T> weight_grad;  // (1, C)
+  RowMatrix<T> bias_grad;    // (1, C)
+
+ private:
+  // The public tensors may have been replaced (e.g. by a checkpoint load);
+  // refuse to run on inconsistent shapes rather than read out of bounds.
+  void check_state(const char* where) const {
+    const RowMatrix<T>* tensors[] = {&weight, &bias, &weight_grad, &bias_grad};
+    const char* names[] = {"weight", "bias", "weight_grad", "bias_grad"};
+    for (int i = 0; i < 4; ++i)
+      VQKIT_REQUIRE(tensors[i]->rows() == 1 && tensors[i]->cols() == dim_, where, names[i],
+                    " is ", tensors[i]->rows(), "x", tensors[i]->cols(), ", expected 1x", dim_);
+  }
+};
+
+}  // namespace vqkit

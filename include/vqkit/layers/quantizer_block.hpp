@@ -1,0 +1,102 @@
+// vqkit/layers/quantizer_block.hpp - the seed's full quantizer block:
+//
+//   x (N x dim) -> LayerNorm(dim) -> GELU -> Linear(dim -> codebook_dim)
+//     -> VectorQuantizer(codebook_size, codebook_dim) -> Linear(codebook_dim -> dim) -> y (N x dim)
+//
+// The CoPilot4D tokenizer's pre-VQ projection, quantizer and post-VQ
+// projection in one layer (design §3 step 5). A (B, T, dim) tensor is passed
+// as B*T rows; indices come back as B*T entries in the same order.
+// forward() returns a Context holding each sub-layer's context, and with it
+// the indices, loss terms and metrics of the quantizer:
+//   auto ctx = block.forward(x, y);  ctx.vq.indices, ctx.vq.loss, ctx.vq.metrics
+// backward(ctx, dy, &dx) runs the chain back: straight-through across the
+// quantizer plus its commitment gradient, accumulating every parameter's
+// gradient (+=).
+#pragma once
+
+#include "vqkit/core/backend.hpp"
+#include "vqkit/core/random.hpp"
+#include "vqkit/core/types.hpp"
+#include "vqkit/layers/gelu.hpp"
+#include "vqkit/layers/layer_norm.hpp"
+#include "vqkit/layers/linear.hpp"
+#include "vqkit/layers/parameter.hpp"
+#include "vqkit/layers/vector_quantizer.hpp"
+
+namespace vqkit {
+
+struct QuantizerBlockConfig {
+  Index dim = 256;                ///< model width in and out
+  VectorQuantizerConfig quantizer;  ///< quantizer.dim is the codebook dimension
+  std::uint64_t seed = 0;         ///< for the Linear layers' initialisation
+};
+
+template <class T, class Backend = cpu>
+class QuantizerBlock {
+ public:
+  struct Context {
+    typename LayerNorm<T, Backend>::Context norm;
+    typename Gelu<T, Backend>::Context act;
+    typename Linear<T, Backend>::Context proj_in;
+    typename VectorQuantizer<T, Backend>::Context vq;
+    typename Linear<T, Backend>::Context proj_out;
+  };
+
+  explicit QuantizerBlock(const QuantizerBlockConfig& cfg, Backend backend = {})
+      : QuantizerBlock(cfg, backend, Rng(cfg.seed)) {}
+
+  Context forward(ConstMatrixRef<T> x, RowMatrix<T>& y) {
+    Context c;
+    RowMatrix<T> a, b;
+    c.norm = norm.forward(x, a);
+    c.act = act.forward(a, b);
+    c.proj_in = proj_in.forward(b, a);
+    c.vq = quantizer.forward(a, b);
+    c.proj_out = proj_out.forward(b, y);
+    return c;
+  }
+
+  /// dy: N x dim. Overwrites *dx (N x dim) when non-null.
+  void backward(const Context& c, ConstMatrixRef<T> dy, RowMatrix<T>* dx) {
+    RowMatrix<T> a, b;
+    proj_out.backward(c.proj_out, dy, &a);
+    quantizer.backward(c.vq, a, &b);
+    proj_in.backward(c.proj_in, b, &a);
+    act.backward(c.act, a, &b);
+    norm.backward(c.norm, b, dx);
+  }
+
+  void train(bool on = true) { quantizer.train(on); }
+  void eval() { quantizer.eval(); }
+
+  ParameterList<T> parameters() {
+    ParameterList<T> all;
+    append_parameters(all, norm.parameters(), "norm.");
+    append_parameters(all, proj_in.parameters(), "proj_in.");
+    append_parameters(all, quantizer.parameters(), "quantizer.");
+    append_parameters(all, proj_out.parameters(), "proj_out.");
+    return all;
+  }
+  void zero_grad() {
+    norm.zero_grad();
+    proj_in.zero_grad();
+    quantizer.zero_grad();
+    proj_out.zero_grad();
+  }
+
+  LayerNorm<T, Backend> norm;
+  Gelu<T, Backend> act;
+  Linear<T, Backend> proj_in;
+  VectorQuantizer<T, Backend> quantizer;
+  Linear<T, Backend> proj_out;
+
+ private:
+  QuantizerBlock(const QuantizerBlockConfig& cfg, Backend backend, Rng rng)
+      : norm(cfg.dim, T(1e-5), backend),
+        act(backend),
+        proj_in(cfg.dim, cfg.quantizer.dim, rng, true, backend),
+        quantizer(cfg.quantizer, backend),
+        proj_out(cfg.quantizer.dim, cfg.dim, rng, true, backend) {}
+};
+
+}  // namespace vqkit
