@@ -11,7 +11,11 @@
 //   2. push x into the memory bank; if the data-driven init is pending and
 //      the bank holds init_min_rows rows, run k-means over the bank and
 //      re-initialise codes and EMA state (until then the normalised init
-//      serves, so a first batch smaller than the codebook is fine);
+//      serves, so a first batch smaller than the codebook is fine); when the
+//      bank first fills up, run it once more over the whole bank
+//      (refine_init): k-means on few rows per code overfits them, and on
+//      fresh data the codes of larger clusters, being closer to the mean,
+//      take over (see docs/design.md, "hubness");
 //   3. search, gather quantized = e_a, residual r = x - q, loss terms;
 //   4. EMA mode: update N, M and the codes from the batch (the returned
 //      quantized and loss use the codes from before the update);
@@ -62,13 +66,14 @@ struct VectorQuantizerConfig {
   InitMethod init = InitMethod::kmeans;  ///< data-driven (k-means over the bank) or normalised only
   int kmeans_iterations = 10;
   double kmeans_min_cluster_fraction = 0.5;  ///< see KMeansOptions::min_cluster_fraction
-  Index memory_bank_size = 0;      ///< rows; 0 means 10 * codebook_size
+  Index memory_bank_size = 0;      ///< rows; 0 means 20 * codebook_size
   Index init_min_rows = 0;         ///< bank rows the k-means init waits for; 0 means codebook_size
+  bool refine_init = true;         ///< re-run the k-means init once the bank first fills
   std::int64_t usage_window = 10;  ///< steps, for window usage
   std::uint64_t seed = 0;
   SearchOptions search;
 
-  Index bank_rows() const { return memory_bank_size > 0 ? memory_bank_size : 10 * codebook_size; }
+  Index bank_rows() const { return memory_bank_size > 0 ? memory_bank_size : 20 * codebook_size; }
   Index init_rows() const { return init_min_rows > 0 ? init_min_rows : codebook_size; }
 
   void validate() const {
@@ -110,7 +115,7 @@ class VectorQuantizer {
     VqLoss loss;
     CodebookMetrics metrics;
     bool training = false;
-    bool data_initialized = false;  ///< the k-means init ran in this step
+    bool data_initialized = false;  ///< a k-means init (first or refining) ran in this step
     bool reinitialized = false;     ///< the kmeans_reinit policy fired in this step
     Index replaced = 0;             ///< codes replaced by the replace policy in this step
   };
@@ -123,7 +128,8 @@ class VectorQuantizer {
         grad_(RowMatrix<T>::Zero(cfg.codebook_size, cfg.dim)),
         bank_(cfg.bank_rows(), cfg.dim),
         usage_(cfg.codebook_size),
-        data_initialized_(cfg.init == InitMethod::normalized) {
+        data_initialized_(cfg.init == InitMethod::normalized),
+        init_refined_(cfg.init == InitMethod::normalized || !cfg.refine_init) {
     ema_reset<T>(ema_, codes_, Vector<T>::Ones(cfg.codebook_size));
   }
 
@@ -146,9 +152,12 @@ class VectorQuantizer {
     const Index N = x.rows(), K = cfg_.codebook_size;
     if (training_) {
       bank_.push(x, rng_);
-      if (!data_initialized_ && bank_.size() >= cfg_.init_rows()) {
+      const bool first = !data_initialized_ && bank_.size() >= cfg_.init_rows();
+      const bool refine = data_initialized_ && !init_refined_ && bank_.full();
+      if (first || refine) {
         reinit_from_bank(N);
         data_initialized_ = true;
+        init_refined_ = bank_.full() || !cfg_.refine_init;
         ctx.data_initialized = true;
       }
     }
@@ -218,6 +227,7 @@ class VectorQuantizer {
   std::int64_t reinit_count() const { return reinits_; }
   std::int64_t replaced_count() const { return replaced_; }
   bool data_initialized() const { return data_initialized_; }
+  bool init_refined() const { return init_refined_; }
   const Backend& backend() const { return backend_; }
 
   /// Replaces the codebook (e.g. from a trained model); the EMA state is
@@ -231,7 +241,7 @@ class VectorQuantizer {
     codes_ = codes;
     ema_reset<T>(ema_, codes_, Vector<T>::Ones(cfg_.codebook_size));
     usage_.reset_all();
-    data_initialized_ = true;
+    data_initialized_ = init_refined_ = true;
   }
 
   /// The complete mutable state, for checkpoints (see io/checkpoint.hpp).
@@ -244,7 +254,7 @@ class VectorQuantizer {
     std::int64_t bank_overflow = 0;
     Rng::State rng{};
     std::int64_t step = 0, reinits = 0, replaced = 0;
-    bool data_initialized = false, training = true;
+    bool data_initialized = false, init_refined = false, training = true;
   };
 
   State state() const {
@@ -263,6 +273,7 @@ class VectorQuantizer {
     s.reinits = reinits_;
     s.replaced = replaced_;
     s.data_initialized = data_initialized_;
+    s.init_refined = init_refined_;
     s.training = training_;
     return s;
   }
@@ -300,6 +311,7 @@ class VectorQuantizer {
     reinits_ = s.reinits;
     replaced_ = s.replaced;
     data_initialized_ = s.data_initialized;
+    init_refined_ = s.init_refined;
     training_ = s.training;
   }
 
@@ -349,7 +361,7 @@ class VectorQuantizer {
   MemoryBank<T> bank_;
   UsageTracker usage_;
   std::int64_t step_ = 0, reinits_ = 0, replaced_ = 0;
-  bool data_initialized_ = false;
+  bool data_initialized_ = false, init_refined_ = false;
   bool training_ = true;
 };
 

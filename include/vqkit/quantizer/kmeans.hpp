@@ -30,6 +30,13 @@ struct KMeansOptions {
   Index k = 0;          ///< number of clusters, 1 <= k <= n
   int iterations = 10;  ///< Lloyd iterations after seeding (0: seeding only)
   bool plus_plus = true;  ///< k-means++ seeding; false: k distinct random rows
+  /// During the Lloyd iterations (not after the last), a cluster holding
+  /// fewer than min_cluster_fraction * n/k rows is re-seeded like an empty
+  /// one, by splitting the largest. 0 (the default) re-seeds empty clusters
+  /// only, as plain k-means does; the quantizer uses 0.5, which keeps codes
+  /// off isolated outliers (on GloVe it raises batch usage from ~88% to ~97%
+  /// and slightly lowers the distortion; see docs/design.md).
+  double min_cluster_fraction = 0.0;
 };
 
 template <class T>
@@ -37,7 +44,7 @@ struct KMeansResult {
   RowMatrix<T> centroids;  ///< k x D
   Vector<T> counts;        ///< k: rows per cluster after the last assignment (all > 0)
   double inertia = 0;      ///< sum of squared distances at the last assignment
-  Index empty_splits = 0;  ///< empty clusters re-seeded, over all iterations
+  Index empty_splits = 0;  ///< empty (or too small) clusters re-seeded, over all iterations
 };
 
 namespace detail {
@@ -92,11 +99,11 @@ RowMatrix<T> kmeans_random_rows(ConstMatrixRef<T> data, Index k, Rng& rng) {
 
 /// Re-seeds every empty cluster by splitting the largest; returns how many.
 template <class T>
-Index split_empty_clusters(RowMatrix<T>& c, Vector<T>& counts) {
+Index split_empty_clusters(RowMatrix<T>& c, Vector<T>& counts, T min_size = T(1)) {
   constexpr double delta = 1.0 / 1024;
   Index splits = 0;
   for (Index e = 0; e < c.rows(); ++e) {
-    if (counts[e] > T(0)) continue;
+    if (counts[e] >= min_size) continue;
     Index big = 0;
     for (Index j = 1; j < c.rows(); ++j)
       if (counts[j] > counts[big]) big = j;
@@ -124,11 +131,15 @@ KMeansResult<T> kmeans(const cpu& be, ConstMatrixRef<T> data, const KMeansOption
   VQKIT_REQUIRE(n >= opt.k, where, "needs at least k samples: got n=", n, " samples for k=",
                 opt.k, " clusters");
   VQKIT_REQUIRE(opt.iterations >= 0, where, "iterations must be >= 0, got ", opt.iterations);
+  VQKIT_REQUIRE(opt.min_cluster_fraction >= 0.0 && opt.min_cluster_fraction <= 1.0, where,
+                "min_cluster_fraction must lie in [0, 1], got ", opt.min_cluster_fraction);
   detail::require_finite(data, where, "data");
 
   KMeansResult<T> r;
   r.centroids = opt.plus_plus ? detail::kmeans_plus_plus<T>(be, data, opt.k, rng)
                               : detail::kmeans_random_rows<T>(data, opt.k, rng);
+  // A cluster below min_size rows is re-seeded (never below 1: empty ones always are).
+  const T min_size = std::max(T(1), T(std::ceil(opt.min_cluster_fraction * double(n) / double(opt.k))));
   IndexVector assign(n);
   Vector<T> dist;
   for (int it = 0;; ++it) {
@@ -142,7 +153,7 @@ KMeansResult<T> kmeans(const cpu& be, ConstMatrixRef<T> data, const KMeansOption
     }
     for (Index j = 0; j < opt.k; ++j)
       if (st.counts[j] > T(0)) r.centroids.row(j) = st.sums.row(j) / st.counts[j];
-    r.empty_splits += detail::split_empty_clusters(r.centroids, r.counts);
+    r.empty_splits += detail::split_empty_clusters(r.centroids, r.counts, it + 1 < opt.iterations ? min_size : T(1));
   }
   return r;
 }

@@ -9,7 +9,7 @@
 // batch (drawn with the caller's Rng, so runs stay reproducible), replacing
 // the whole bank, and counts the rows left out in overflow_rows(), which the
 // quantizer reports in its metrics. Choose capacity >= rows per step to keep
-// every row (the quantizer defaults to 10 x the codebook size).
+// every row (the quantizer defaults to 20 x the codebook size).
 #pragma once
 
 #include <algorithm>

@@ -80,6 +80,9 @@ void nearest_code(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixRef<T> x,
 
 #pragma omp parallel num_threads(be.num_threads())
   {
+#ifdef _OPENMP
+    omp_set_num_threads(1);  // this task's ICV only: keeps Eigen's GEMM below serial
+#endif
     RowMatrix<T> tile(rb, cb);
     std::vector<T> best(rb);
     std::vector<Index> arg(rb);
