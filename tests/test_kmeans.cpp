@@ -93,3 +93,23 @@ TEST_CASE("kmeans rejects bad arguments", "[kmeans][errors]") {
                     Catch::Contains("row 4, column 1"));
   CHECK(rng.state() == before);
 }
+
+TEST_CASE("min_cluster_fraction keeps centres off isolated outliers", "[kmeans]") {
+  // A dense blob of 600 rows plus 6 far outliers; k-means++ seeds outliers
+  // first (largest D^2), leaving codes that own a single row.
+  RowMatrix<double> data(606, 4);
+  data.topRows(600) = test::gaussian<double>(600, 4, 11);
+  data.bottomRows(6) = test::gaussian<double>(6, 4, 12, 50.0);
+  auto min_count = [&](double fraction) {
+    Rng rng(13);
+    KMeansOptions o{12, 10};
+    o.min_cluster_fraction = fraction;
+    return kmeans<double>(cpu{}, data, o, rng).counts.minCoeff();
+  };
+  CHECK(min_count(0.0) <= 1.0);  // plain k-means: singleton clusters
+  CHECK(min_count(0.5) >= 2.0);  // no code left on one outlier
+  Rng rng(1);
+  KMeansOptions bad{4, 1};
+  bad.min_cluster_fraction = 1.5;
+  CHECK_THROWS_WITH(kmeans<double>(cpu{}, data, bad, rng), Catch::Contains("got 1.5"));
+}
