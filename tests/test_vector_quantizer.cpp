@@ -315,3 +315,28 @@ TEST_CASE("collapse regression: GloVe, K=512, 300 steps keep >= 90% usage", "[vq
   CHECK(last_loss < first_loss);
   CHECK(ctx.metrics.health == Health::healthy);
 }
+
+TEST_CASE("NonFinitePolicy::skip skips and counts a bad batch, changing nothing else", "[vq][errors]") {
+  auto cfg = small_config();
+  cfg.non_finite = NonFinitePolicy::skip;
+  VectorQuantizer<float> vq(cfg);
+  RowMatrix<float> q;
+  vq.forward(test::gaussian<float>(100, 8, 1), q);
+  const auto before = vq.state();
+  auto bad = test::gaussian<float>(10, 8, 2);
+  bad(3, 3) = std::numeric_limits<float>::quiet_NaN();
+  auto ctx = vq.forward(bad, q);
+  CHECK(ctx.skipped);
+  CHECK(ctx.indices.size() == 0);
+  CHECK(vq.skipped_batches() == 1);
+  auto after = vq.state();
+  CHECK(after.skipped == 1);
+  after.skipped = 0;
+  CHECK(same_state<float>(before, after));
+  RowMatrix<float> dx;
+  vq.backward(ctx, test::gaussian<float>(10, 8, 3), &dx);
+  CHECK(dx.rows() == 10);
+  CHECK(dx.isZero());
+  // Shape errors are still errors.
+  CHECK_THROWS_WITH(vq.forward(test::gaussian<float>(10, 5, 4), q), Catch::Contains("5 columns"));
+}

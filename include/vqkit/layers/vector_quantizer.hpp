@@ -50,6 +50,10 @@
 namespace vqkit {
 
 enum class CodebookUpdate { ema, gradient };
+/// What forward does with a batch holding NaN or Inf: reject it (throw
+/// vqkit::error, the default) or skip it (return an empty context with
+/// skipped = true, count it in skipped_batches(), change nothing else).
+enum class NonFinitePolicy { reject, skip };
 enum class InitMethod { kmeans, normalized };
 
 inline const char* to_string(CodebookUpdate u) { return u == CodebookUpdate::ema ? "ema" : "gradient"; }
@@ -70,6 +74,7 @@ struct VectorQuantizerConfig {
   Index init_min_rows = 0;         ///< bank rows the k-means init waits for; 0 means codebook_size
   bool refine_init = true;         ///< re-run the k-means init once the bank first fills
   std::int64_t usage_window = 10;  ///< steps, for window usage
+  NonFinitePolicy non_finite = NonFinitePolicy::reject;
   std::uint64_t seed = 0;
   SearchOptions search;
 
@@ -118,6 +123,7 @@ class VectorQuantizer {
     bool data_initialized = false;  ///< a k-means init (first or refining) ran in this step
     bool reinitialized = false;     ///< the kmeans_reinit policy fired in this step
     Index replaced = 0;             ///< codes replaced by the replace policy in this step
+    bool skipped = false;           ///< non-finite batch skipped (NonFinitePolicy::skip)
   };
 
   explicit VectorQuantizer(const VectorQuantizerConfig& cfg, Backend backend = {})
@@ -145,10 +151,15 @@ class VectorQuantizer {
   Context forward(ConstMatrixRef<T> x, RowMatrix<T>& quantized) {
     constexpr const char* where = "VectorQuantizer::forward";
     detail::require_batch(x, cfg_.dim, where, "x");
-    detail::require_finite(x, where, "x");
-
     Context ctx;
     ctx.training = training_;
+    if (cfg_.non_finite == NonFinitePolicy::skip && !x.allFinite()) {
+      ++skipped_;
+      ctx.skipped = true;
+      quantized.resize(0, cfg_.dim);
+      return ctx;
+    }
+    detail::require_finite(x, where, "x");
     const Index N = x.rows(), K = cfg_.codebook_size;
     if (training_) {
       bank_.push(x, rng_);
@@ -200,6 +211,12 @@ class VectorQuantizer {
   /// mode also accumulates the codebook term's gradient into codebook_grad().
   void backward(const Context& ctx, ConstMatrixRef<T> dq, RowMatrix<T>* dx) {
     constexpr const char* where = "VectorQuantizer::backward";
+    if (ctx.skipped) {  // a skipped batch computed nothing: zero gradient
+      VQKIT_REQUIRE(dq.cols() == cfg_.dim || dq.rows() == 0, where, "dq has ", dq.cols(),
+                    " columns, expected ", cfg_.dim);
+      if (dx) dx->setZero(dq.rows(), cfg_.dim);
+      return;
+    }
     VQKIT_REQUIRE(ctx.residual.rows() == ctx.indices.size() && ctx.residual.cols() == cfg_.dim,
                   where, "the context does not come from this layer's forward");
     VQKIT_REQUIRE(dq.rows() == 0 || (dq.rows() == ctx.residual.rows() && dq.cols() == cfg_.dim),
@@ -226,6 +243,7 @@ class VectorQuantizer {
   std::int64_t step() const { return step_; }
   std::int64_t reinit_count() const { return reinits_; }
   std::int64_t replaced_count() const { return replaced_; }
+  std::int64_t skipped_batches() const { return skipped_; }
   bool data_initialized() const { return data_initialized_; }
   bool init_refined() const { return init_refined_; }
   const Backend& backend() const { return backend_; }
@@ -253,7 +271,7 @@ class VectorQuantizer {
     Index bank_size = 0, bank_head = 0;
     std::int64_t bank_overflow = 0;
     Rng::State rng{};
-    std::int64_t step = 0, reinits = 0, replaced = 0;
+    std::int64_t step = 0, reinits = 0, replaced = 0, skipped = 0;
     bool data_initialized = false, init_refined = false, training = true;
   };
 
@@ -272,6 +290,7 @@ class VectorQuantizer {
     s.step = step_;
     s.reinits = reinits_;
     s.replaced = replaced_;
+    s.skipped = skipped_;
     s.data_initialized = data_initialized_;
     s.init_refined = init_refined_;
     s.training = training_;
@@ -294,7 +313,7 @@ class VectorQuantizer {
                   "usage counters do not match K=", K);
     VQKIT_REQUIRE(shape_ok(s.bank, cfg_.bank_rows(), D), where, "memory bank is ",
                   s.bank.rows(), "x", s.bank.cols(), ", expected ", cfg_.bank_rows(), "x", D);
-    VQKIT_REQUIRE(s.step >= 0 && s.reinits >= 0 && s.replaced >= 0, where,
+    VQKIT_REQUIRE(s.step >= 0 && s.reinits >= 0 && s.replaced >= 0 && s.skipped >= 0, where,
                   "negative step counters");
     detail::require_finite(s.codes, where, "codebook");
     detail::require_finite(s.ema.embed_sum, where, "EMA sums");
@@ -310,6 +329,7 @@ class VectorQuantizer {
     step_ = s.step;
     reinits_ = s.reinits;
     replaced_ = s.replaced;
+    skipped_ = s.skipped;
     data_initialized_ = s.data_initialized;
     init_refined_ = s.init_refined;
     training_ = s.training;
@@ -360,7 +380,7 @@ class VectorQuantizer {
   EmaState<T> ema_;
   MemoryBank<T> bank_;
   UsageTracker usage_;
-  std::int64_t step_ = 0, reinits_ = 0, replaced_ = 0;
+  std::int64_t step_ = 0, reinits_ = 0, replaced_ = 0, skipped_ = 0;
   bool data_initialized_ = false, init_refined_ = false;
   bool training_ = true;
 };

@@ -25,9 +25,11 @@ template <class T>
 class MemoryBank {
  public:
   MemoryBank() = default;
-  MemoryBank(Index capacity, Index dim) : data_(capacity, dim) {
+  /// Zero-filled, so a checkpoint of a partly filled bank is deterministic.
+  MemoryBank(Index capacity, Index dim) {
     VQKIT_REQUIRE(capacity >= 1, "MemoryBank", "capacity must be >= 1, got ", capacity);
     VQKIT_REQUIRE(dim >= 1, "MemoryBank", "dim must be >= 1, got ", dim);
+    data_.setZero(capacity, dim);
   }
 
   Index capacity() const { return data_.rows(); }
