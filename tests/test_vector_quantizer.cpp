@@ -340,3 +340,24 @@ TEST_CASE("NonFinitePolicy::skip skips and counts a bad batch, changing nothing 
   // Shape errors are still errors.
   CHECK_THROWS_WITH(vq.forward(test::gaussian<float>(10, 5, 4), q), Catch::Contains("5 columns"));
 }
+
+TEST_CASE("the cosine metric picks the code of largest cosine", "[vq]") {
+  auto cfg = small_config(16, 6);
+  cfg.metric = Metric::cosine;
+  cfg.init = InitMethod::normalized;
+  VectorQuantizer<double> vq(cfg);
+  // Scale codes unevenly so that L2 and cosine disagree.
+  RowMatrix<double> codes = vq.codebook();
+  for (Index k = 0; k < 16; ++k) codes.row(k) *= double(1 + k % 5);
+  vq.set_codebook(codes);
+  vq.eval();
+  const auto x = test::gaussian<double>(300, 6, 9);
+  RowMatrix<double> q;
+  auto ctx = vq.forward(x, q);
+  SearchOptions cos;
+  cos.metric = Metric::cosine;
+  auto ref = nearest_code<double>(cpu{}, codes, x, cos);
+  auto l2 = nearest_code<double>(cpu{}, codes, x);
+  CHECK(ctx.indices == ref.indices);
+  CHECK(ctx.indices != l2.indices);
+}

@@ -76,7 +76,7 @@ struct VectorQuantizerConfig {
   std::int64_t usage_window = 10;  ///< steps, for window usage
   NonFinitePolicy non_finite = NonFinitePolicy::reject;
   std::uint64_t seed = 0;
-  SearchOptions search;
+  SearchOptions search;  ///< tile sizes; its metric field is ignored (`metric` above rules)
 
   Index bank_rows() const { return memory_bank_size > 0 ? memory_bank_size : 20 * codebook_size; }
   Index init_rows() const { return init_min_rows > 0 ? init_min_rows : codebook_size; }
@@ -174,7 +174,9 @@ class VectorQuantizer {
     }
 
     ctx.indices.resize(N);
-    nearest_code<T>(backend_, codes_, x, ctx.indices, nullptr, cfg_.search);
+    SearchOptions search = cfg_.search;
+    search.metric = cfg_.metric;
+    nearest_code<T>(backend_, codes_, x, ctx.indices, nullptr, search);
     quantized.resize(N, cfg_.dim);
     for (Index i = 0; i < N; ++i) quantized.row(i) = codes_.row(ctx.indices[i]);
     ctx.residual = x - quantized;
