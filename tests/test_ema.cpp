@@ -22,7 +22,7 @@ TEST_CASE("cluster_stats equals the one-hot reference, for any thread count", "[
   CHECK(a.counts.isApprox(ref_counts));
   CHECK((a.sums - ref_sums).cwiseAbs().maxCoeff() < 1e-12);
   CHECK(a.sums == b.sums);  // bit-identical
-  CHECK(a.counts == cluster_counts<double>(idx, K));
+  CHECK(a.counts == cluster_counts<double>(cpu{}, idx, K));
   idx[5] = K;
   CHECK_THROWS_WITH(cluster_stats<double>(cpu{}, x, idx, K),
                     Catch::Contains("index 37 at row 5 is out of range"));

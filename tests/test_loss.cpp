@@ -9,7 +9,7 @@ TEST_CASE("vq_loss weights and reductions", "[loss]") {
   RowMatrix<double> r(2, 3);
   r << 1, 2, 0, 0, 0, 3;  // sum of squares 14
   LossOptions o;
-  auto l = vq_loss<double>(r, o);
+  auto l = vq_loss<double>(cpu{}, r, o);
   CHECK(l.distortion == Approx(14.0 / 6));
   CHECK(l.codebook == Approx(0.25 * 14 / 6));
   CHECK(l.commitment == Approx(1.0 * 14 / 6));
@@ -17,7 +17,7 @@ TEST_CASE("vq_loss weights and reductions", "[loss]") {
   o.reduction = Reduction::sum_over_dim;
   o.codebook_weight = 2.0;
   o.commitment_weight = 0.5;
-  l = vq_loss<double>(r, o);
+  l = vq_loss<double>(cpu{}, r, o);
   CHECK(l.distortion == Approx(7.0));
   CHECK(l.codebook == Approx(14.0));
   CHECK(l.commitment == Approx(3.5));
@@ -42,17 +42,17 @@ TEST_CASE("loss gradients match central finite differences", "[loss]") {
   // Commitment term as a function of x (q fixed), codebook term as a function of e (x fixed).
   RowMatrix<double> dx;
   RowMatrix<double> none(0, D);
-  vq_input_grad<double>(residual(x, e), none, o, dx);
+  vq_input_grad<double>(cpu{}, residual(x, e), none, o, dx);
   RowMatrix<double> de = RowMatrix<double>::Zero(K, D);
-  vq_codebook_grad<double>(residual(x, e), idx, o, de);
+  vq_codebook_grad<double>(cpu{}, residual(x, e), idx, o, de);
   const double h = 1e-6;
   for (Index i = 0; i < N; ++i)
     for (Index d = 0; d < D; ++d) {
       auto xp = x, xm = x;
       xp(i, d) += h;
       xm(i, d) -= h;
-      const double fd = (vq_loss<double>(residual(xp, e), o).commitment -
-                         vq_loss<double>(residual(xm, e), o).commitment) / (2 * h);
+      const double fd = (vq_loss<double>(cpu{}, residual(xp, e), o).commitment -
+                         vq_loss<double>(cpu{}, residual(xm, e), o).commitment) / (2 * h);
       CHECK(dx(i, d) == Approx(fd).epsilon(1e-6).margin(1e-9));
     }
   for (Index k = 0; k < K; ++k)
@@ -60,14 +60,14 @@ TEST_CASE("loss gradients match central finite differences", "[loss]") {
       auto ep = e, em = e;
       ep(k, d) += h;
       em(k, d) -= h;
-      const double fd = (vq_loss<double>(residual(x, ep), o).codebook -
-                         vq_loss<double>(residual(x, em), o).codebook) / (2 * h);
+      const double fd = (vq_loss<double>(cpu{}, residual(x, ep), o).codebook -
+                         vq_loss<double>(cpu{}, residual(x, em), o).codebook) / (2 * h);
       CHECK(de(k, d) == Approx(fd).epsilon(1e-6).margin(1e-9));
     }
   // With an upstream gradient the straight-through part passes it unchanged.
   auto g = test::gaussian<double>(N, D, 3);
   RowMatrix<double> dx2;
-  vq_input_grad<double>(residual(x, e), g, o, dx2);
+  vq_input_grad<double>(cpu{}, residual(x, e), g, o, dx2);
   CHECK((dx2 - dx - g).cwiseAbs().maxCoeff() < 1e-14);
 }
 

@@ -180,7 +180,7 @@ class VectorQuantizer {
     quantized.resize(N, cfg_.dim);
     for (Index i = 0; i < N; ++i) quantized.row(i) = codes_.row(ctx.indices[i]);
     ctx.residual = x - quantized;
-    ctx.loss = vq_loss<T>(ctx.residual, cfg_.loss);
+    ctx.loss = vq_loss<T>(backend_, ctx.residual, cfg_.loss);
 
     Vector<T> counts;
     if (training_ && cfg_.update == CodebookUpdate::ema) {
@@ -188,7 +188,7 @@ class VectorQuantizer {
       ema_update<T>(backend_, ema_, st, cfg_.ema, codes_);
       counts = std::move(st.counts);
     } else {
-      counts = cluster_counts<T>(ctx.indices, K);
+      counts = cluster_counts<T>(backend_, ctx.indices, K);
       if (training_) {  // gradient mode still tracks EMA cluster sizes (replace policy)
         const T g = T(cfg_.ema.decay);
         ema_.cluster_size = g * ema_.cluster_size + (T(1) - g) * counts;
@@ -225,8 +225,8 @@ class VectorQuantizer {
                   where, "dq is ", dq.rows(), "x", dq.cols(), ", expected ", ctx.residual.rows(),
                   "x", cfg_.dim);
     if (cfg_.update == CodebookUpdate::gradient)
-      vq_codebook_grad<T>(ctx.residual, ctx.indices, cfg_.loss, grad_);
-    if (dx) vq_input_grad<T>(ctx.residual, dq, cfg_.loss, *dx);
+      vq_codebook_grad<T>(backend_, ctx.residual, ctx.indices, cfg_.loss, grad_);
+    if (dx) vq_input_grad<T>(backend_, ctx.residual, dq, cfg_.loss, *dx);
   }
 
   /// Trainable parameters: the codebook in gradient-update mode, none under EMA.

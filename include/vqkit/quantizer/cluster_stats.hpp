@@ -31,7 +31,7 @@ inline void require_indices(const Eigen::Ref<const IndexVector>& idx, Index K, c
 
 /// Counts only: n_k (size K).
 template <class T>
-Vector<T> cluster_counts(const Eigen::Ref<const IndexVector>& idx, Index K) {
+Vector<T> cluster_counts(const cpu&, const Eigen::Ref<const IndexVector>& idx, Index K) {
   require_indices(idx, K, "cluster_counts");
   Vector<T> n = Vector<T>::Zero(K);
   for (Index i = 0; i < idx.size(); ++i) n[idx[i]] += T(1);

@@ -19,6 +19,7 @@
 // all; it is still reported, for monitoring.
 #pragma once
 
+#include "vqkit/core/backend.hpp"
 #include "vqkit/core/check.hpp"
 #include "vqkit/core/types.hpp"
 
@@ -54,7 +55,7 @@ struct VqLoss {
 
 /// Loss terms from the residual r = x - q.
 template <class T>
-VqLoss vq_loss(ConstMatrixRef<T> residual, const LossOptions& opt) {
+VqLoss vq_loss(const cpu&, ConstMatrixRef<T> residual, const LossOptions& opt) {
   VqLoss l;
   const double sq = residual.template cast<double>().squaredNorm();
   l.distortion = sq / opt.scale(residual.rows(), residual.cols());
@@ -66,7 +67,7 @@ VqLoss vq_loss(ConstMatrixRef<T> residual, const LossOptions& opt) {
 
 /// dx = dq + commitment gradient; dq may be empty (0 rows) for "no upstream gradient".
 template <class T>
-void vq_input_grad(ConstMatrixRef<T> residual, ConstMatrixRef<T> dq, const LossOptions& opt,
+void vq_input_grad(const cpu&, ConstMatrixRef<T> residual, ConstMatrixRef<T> dq, const LossOptions& opt,
                    RowMatrix<T>& dx) {
   const T c = T(2.0 * opt.commitment_weight / opt.scale(residual.rows(), residual.cols()));
   if (dq.rows() == 0)
@@ -77,7 +78,7 @@ void vq_input_grad(ConstMatrixRef<T> residual, ConstMatrixRef<T> dq, const LossO
 
 /// Accumulates the codebook term's gradient into dcodes (K x D).
 template <class T>
-void vq_codebook_grad(ConstMatrixRef<T> residual, const Eigen::Ref<const IndexVector>& idx,
+void vq_codebook_grad(const cpu&, ConstMatrixRef<T> residual, const Eigen::Ref<const IndexVector>& idx,
                       const LossOptions& opt, MatrixRef<T> dcodes) {
   const T c = T(-2.0 * opt.codebook_weight / opt.scale(residual.rows(), residual.cols()));
   for (Index i = 0; i < residual.rows(); ++i) dcodes.row(idx[i]) += c * residual.row(i);
