@@ -125,13 +125,19 @@ TEST_CASE("the data-driven init waits until the bank holds enough rows", "[vq]")
   VectorQuantizer<float> vq(cfg);
   const RowMatrix<float> normalised = vq.codebook();
   RowMatrix<float> q;
-  for (int s = 1; s <= 4; ++s) {
+  // Default init_min_rows = 2 K = 128 rows: the 8th batch of 16 rows.
+  for (int s = 1; s <= 8; ++s) {
     auto ctx = vq.forward(test::gaussian<float>(16, 8, 30 + s), q);  // 16 rows < 64 codes
-    CHECK(ctx.data_initialized == (s == 4));
-    CHECK(vq.data_initialized() == (s == 4));
-    if (s < 4) CHECK(ctx.metrics.usage <= 16);
+    CHECK(ctx.data_initialized == (s == 8));
+    CHECK(vq.data_initialized() == (s == 8));
   }
   CHECK(vq.codebook() != normalised);
+  CHECK_FALSE(vq.init_refined());  // the bank (20 K = 1280 rows) is not full yet
+  for (int s = 9; s <= 80; ++s) {
+    auto ctx = vq.forward(test::gaussian<float>(16, 8, 30 + s), q);
+    CHECK(ctx.data_initialized == (s == 80));  // 80 x 16 = 1280: the refinement
+  }
+  CHECK(vq.init_refined());
 }
 
 TEST_CASE("eval mode changes no state", "[vq]") {

@@ -71,7 +71,7 @@ struct VectorQuantizerConfig {
   int kmeans_iterations = 10;
   double kmeans_min_cluster_fraction = 0.5;  ///< see KMeansOptions::min_cluster_fraction
   Index memory_bank_size = 0;      ///< rows; 0 means 20 * codebook_size
-  Index init_min_rows = 0;         ///< bank rows the k-means init waits for; 0 means codebook_size
+  Index init_min_rows = 0;         ///< bank rows the k-means init waits for; 0 means 2 * codebook_size
   bool refine_init = true;         ///< re-run the k-means init once the bank first fills
   std::int64_t usage_window = 10;  ///< steps, for window usage
   NonFinitePolicy non_finite = NonFinitePolicy::reject;
@@ -79,7 +79,9 @@ struct VectorQuantizerConfig {
   SearchOptions search;  ///< tile sizes; its metric field is ignored (`metric` above rules)
 
   Index bank_rows() const { return memory_bank_size > 0 ? memory_bank_size : 20 * codebook_size; }
-  Index init_rows() const { return init_min_rows > 0 ? init_min_rows : codebook_size; }
+  /// Two rows per code at least: a k-means on one row per code fits each
+  /// code onto a single row (zero loss on that batch, low usage on the next).
+  Index init_rows() const { return init_min_rows > 0 ? init_min_rows : 2 * codebook_size; }
 
   void validate() const {
     constexpr const char* where = "VectorQuantizerConfig";
