@@ -169,3 +169,117 @@ TEST_CASE("nearest_code rejects bad input with a message naming the value", "[se
   CHECK_THAT(msg([&] { nearest_code<float>(cpu{}, codes, ok, small); }),
              Catch::Contains("indices has size 2, expected N=5"));
 }
+
+// ---- the AVX-512 kernel (built with -march=native on an AVX-512 machine) ----
+
+TEST_CASE("nearest_code: the fast kernel's results depend neither on its blocking nor on the threads",
+          "[search][kernel]") {
+#if defined(__AVX512F__)
+  // Ragged everything: rows not a multiple of the 64-row panel, codes not a
+  // multiple of the 6-code tile, dimensions not a multiple of 16; strided
+  // inputs (blocks of wider matrices).
+  for (auto metric : {Metric::l2, Metric::cosine}) {
+    for (auto [N, K, D] : {std::array<Index, 3>{1, 1, 1}, std::array<Index, 3>{65, 7, 17},
+                           std::array<Index, 3>{300, 77, 33}, std::array<Index, 3>{130, 13, 300}}) {
+      const RowMatrix<float> wide_codes = test::gaussian<float>(K, D + 5, 21);
+      const RowMatrix<float> wide_x = test::gaussian<float>(N, D + 3, 22);
+      ConstMatrixRef<float> codes(wide_codes.leftCols(D)), x(wide_x.leftCols(D));
+      if (K > 1) REQUIRE(codes.outerStride() == D + 5);  // bound in place, strided
+      SearchOptions opt;
+      opt.metric = metric;
+      IndexVector ref(N);
+      Vector<float> refd;
+      REQUIRE(detail::nearest_code_avx512(cpu{1}, codes, x, ref, &refd, opt, nullptr));
+      for (auto [mc, kc, kb] : {std::array<Index, 3>{64, 1, 6}, std::array<Index, 3>{128, 16, 12},
+                                std::array<Index, 3>{64, 100, 600}, std::array<Index, 3>{256, 7, 30}}) {
+        detail::k512::Blocking b;
+        b.mc = mc;
+        b.kc = kc;
+        b.kb = kb;
+        for (int threads : {1, 2, 3}) {
+          IndexVector idx(N);
+          Vector<float> dist;
+          REQUIRE(detail::nearest_code_avx512(cpu{threads}, codes, x, idx, &dist, opt, nullptr, &b));
+          REQUIRE(idx == ref);
+          REQUIRE(dist == refd);  // bit-identical
+        }
+      }
+      // And it is what the public function returns.
+      IndexVector pub(N);
+      Vector<float> pubd;
+      nearest_code<float>(cpu{2}, codes, x, pub, &pubd, opt);
+      REQUIRE(pub == ref);
+      REQUIRE(pubd == refd);
+    }
+  }
+#else
+  WARN("built without AVX-512: the generic path serves every call");
+#endif
+}
+
+TEST_CASE("nearest_code: the fast kernel equals the generic path where arithmetic is exact",
+          "[search][kernel]") {
+  // Small integers: every dot product and norm is exact, so both paths see
+  // the same values and ties, and must pick the same (lowest) index.
+  RowMatrix<float> codes(203, 19);
+  const auto base = test::small_integers<float>(101, 19, 31);
+  codes << base, base, test::small_integers<float>(1, 19, 32);  // duplicates: exact ties
+  const auto x = test::small_integers<float>(517, 19, 33);
+  for (auto metric : {Metric::l2, Metric::cosine}) {
+    SearchOptions opt;
+    opt.metric = metric;
+    IndexVector fast(x.rows()), generic(x.rows());
+    Vector<float> fd, gd;
+    nearest_code<float>(cpu{2}, codes, x, fast, &fd, opt);
+    detail::nearest_code_gemm_tiles<float>(cpu{2}, codes, x, generic, &gd, opt, nullptr);
+    REQUIRE(fast == generic);
+    if (metric == Metric::l2) REQUIRE(fd == gd);  // exact integers
+    IndexVector ref;
+    Vector<double> refd;
+    brute_force(codes, x, metric, ref, refd);
+    if (metric == Metric::l2) REQUIRE(fast == ref);
+  }
+}
+
+TEST_CASE("nearest_code: zero vectors, and norms near float's range, are handled", "[search][kernel]") {
+  // Cosine: a zero code has cosine 0 with everything, a zero row too.
+  RowMatrix<float> codes(3, 4);
+  codes << 0, 0, 0, 0, 1, 0, 0, 0, -1, 0, 0, 0;
+  RowMatrix<float> x(3, 4);
+  x << 0, 0, 0, 0, 2, 1, 0, 0, -3, 0, 1, 0;
+  SearchOptions cos;
+  cos.metric = Metric::cosine;
+  auto r = nearest_code<float>(cpu{}, codes, x, cos);
+  CHECK(r.indices[0] == 0);  // every cosine is 0: the lowest index
+  CHECK(r.distances[0] == 1.f);
+  CHECK(r.indices[1] == 1);
+  CHECK(r.indices[2] == 2);
+
+  // Rows whose squared norm overflows float (finite entries): searched by the
+  // generic path, same answer as calling it directly.
+  auto big_x = test::gaussian<float>(200, 8, 41);
+  big_x.row(150).setConstant(3e19f);  // ||x||^2 = 7.2e39 > FLT_MAX
+  const auto c2 = test::gaussian<float>(20, 8, 42);
+  IndexVector a(200), b(200);
+  nearest_code<float>(cpu{2}, c2, big_x, a);
+  detail::nearest_code_gemm_tiles<float>(cpu{1}, c2, big_x, b, nullptr, SearchOptions{}, nullptr);
+  CHECK(a == b);
+  // Codes with huge norms: the whole search takes the generic path.
+  RowMatrix<float> big_c = c2;
+  big_c.row(3).setConstant(3e19f);
+  nearest_code<float>(cpu{2}, big_c, big_x, a);
+  detail::nearest_code_gemm_tiles<float>(cpu{1}, big_c, big_x, b, nullptr, SearchOptions{}, nullptr);
+  CHECK(a == b);
+  // Cosine: a code whose squared norm overflows has 1/||e|| = 0 like a zero
+  // code, but its dot products can overflow: it must not reach the kernel.
+  big_c.row(3).setConstant(1e38f);
+  big_x.row(150).setConstant(1e17f);  // ||x||^2 < 1e37: a kernel row
+  SearchOptions cosine;
+  cosine.metric = Metric::cosine;
+#if defined(__AVX512F__)
+  REQUIRE_FALSE(detail::nearest_code_avx512(cpu{1}, big_c, big_x, a, nullptr, cosine, nullptr));
+#endif
+  nearest_code<float>(cpu{2}, big_c, big_x, a, nullptr, cosine);
+  detail::nearest_code_gemm_tiles<float>(cpu{1}, big_c, big_x, b, nullptr, cosine, nullptr);
+  CHECK(a == b);
+}

@@ -133,7 +133,7 @@ KMeansResult<T> kmeans(const cpu& be, ConstMatrixRef<T> data, const KMeansOption
   VQKIT_REQUIRE(opt.iterations >= 0, where, "iterations must be >= 0, got ", opt.iterations);
   VQKIT_REQUIRE(opt.min_cluster_fraction >= 0.0 && opt.min_cluster_fraction <= 1.0, where,
                 "min_cluster_fraction must lie in [0, 1], got ", opt.min_cluster_fraction);
-  detail::require_finite(data, where, "data");
+  if (!detail::all_finite<T>(data, &be)) detail::require_finite(data, where, "data");
 
   KMeansResult<T> r;
   r.centroids = opt.plus_plus ? detail::kmeans_plus_plus<T>(be, data, opt.k, rng)
@@ -143,7 +143,10 @@ KMeansResult<T> kmeans(const cpu& be, ConstMatrixRef<T> data, const KMeansOption
   IndexVector assign(n);
   Vector<T> dist;
   for (int it = 0;; ++it) {
-    nearest_code<T>(be, r.centroids, data, assign, &dist);
+    // data was checked once above; centres are means of its rows, finite
+    // unless the sums overflow, which the search's own check reports.
+    if (!detail::all_finite<T>(r.centroids)) detail::require_finite(r.centroids, "nearest_code", "codes");
+    detail::nearest_code_unchecked<T>(be, r.centroids, data, assign, &dist, SearchOptions{}, nullptr);
     r.inertia = dist.template cast<double>().sum();
     auto st = cluster_stats<T>(be, data, assign, opt.k);
     r.counts = st.counts;
