@@ -3,6 +3,10 @@
 # need. Does nothing when they are all present; uses sudo when not root.
 set -euo pipefail
 packages=(build-essential cmake libeigen3-dev nlohmann-json3-dev catch2 libbenchmark-dev)
+# The fuzzing stage of .ci/run: clang with libFuzzer and the sanitizer runtimes.
+packages+=(clang libclang-rt-14-dev)
+# Data-parallel training over MPI (tests/test_distributed_mpi.cpp, ctest -L mpi).
+packages+=(libopenmpi-dev openmpi-bin)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

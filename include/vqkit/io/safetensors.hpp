@@ -390,7 +390,12 @@ inline nlohmann::json parse_json_strict(const std::uint8_t* data, std::size_t si
     return nlohmann::json::parse(data, data + size, cb, /*allow_exceptions=*/true,
                                  /*ignore_comments=*/false);
   } catch (const nlohmann::json::exception& e) {
-    ::vqkit::detail::throw_error(where, "header is not valid JSON: ", e.what());
+    // nlohmann quotes the whole token it last read ("last read: '...'"),
+    // which a hostile header can make as long as itself: keep the position
+    // and reason at the start and the expectation at the end.
+    std::string msg = e.what();
+    if (msg.size() > 400) msg = msg.substr(0, 300) + " ... " + msg.substr(msg.size() - 80);
+    ::vqkit::detail::throw_error(where, "header is not valid JSON: ", msg);
   }
 }
 

@@ -86,7 +86,9 @@ RowMatrix<Out> read_records(Source& src, std::uint64_t size, Index max_rows, con
       max_rows < 0 ? rows : std::min(rows, static_cast<std::uint64_t>(max_rows));
 
   RowMatrix<Out> m(static_cast<Index>(n), static_cast<Index>(d));
-  std::vector<In> row(static_cast<std::size_t>(d));
+  // Only when a whole row is present: a tiny file claiming d = 2^20 must not
+  // cost a 4 MB buffer (memory stays proportional to the input).
+  std::vector<In> row(n > 0 ? static_cast<std::size_t>(d) : 0);
   for (std::uint64_t i = 0; i < n; ++i) {
     if (i > 0) {
       std::int32_t di = 0;

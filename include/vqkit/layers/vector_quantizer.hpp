@@ -27,15 +27,25 @@
 // EMA state starts consistent (N_k = 1, M_k = e_k after the normalised init;
 // N_k = c_k, M_k = c_k e_k after k-means, with c_k the cluster's row count
 // scaled to rows per step), see ema.hpp.
+//
+// Data-parallel training: set_reducer() attaches a Reducer (one slice of
+// every batch per rank); a training step then all-reduces what must agree
+// and every rank holds the same codebook as one process that sees the whole
+// batch (distributed/data_parallel.hpp, docs/distributed.md). Without a
+// reducer (or with one of size 1) none of that runs.
 #pragma once
 
 #include <cstdint>
+#include <limits>
+#include <optional>
 #include <string>
 
 #include "vqkit/core/backend.hpp"
 #include "vqkit/core/check.hpp"
 #include "vqkit/core/random.hpp"
 #include "vqkit/core/types.hpp"
+#include "vqkit/distributed/data_parallel.hpp"
+#include "vqkit/distributed/reducer.hpp"
 #include "vqkit/layers/parameter.hpp"
 #include "vqkit/quantizer/cluster_stats.hpp"
 #include "vqkit/quantizer/dead_codes.hpp"
@@ -52,7 +62,8 @@ namespace vqkit {
 enum class CodebookUpdate { ema, gradient };
 /// What forward does with a batch holding NaN or Inf: reject it (throw
 /// vqkit::error, the default) or skip it (return an empty context with
-/// skipped = true, count it in skipped_batches(), change nothing else).
+/// skipped = true, count it in skipped_batches() in train mode, change nothing
+/// else; in eval mode nothing at all changes).
 enum class NonFinitePolicy { reject, skip };
 enum class InitMethod { kmeans, normalized };
 
@@ -86,6 +97,9 @@ struct VectorQuantizerConfig {
   void validate() const {
     constexpr const char* where = "VectorQuantizerConfig";
     VQKIT_REQUIRE(codebook_size >= 1, where, "codebook_size must be >= 1, got K=", codebook_size);
+    // bank_rows() defaults to 20 * K: keep that product in range.
+    VQKIT_REQUIRE(codebook_size <= std::numeric_limits<Index>::max() / 20, where,
+                  "codebook_size is too large, got K=", codebook_size);
     VQKIT_REQUIRE(dim >= 1, where, "dim must be >= 1, got D=", dim);
     ema.validate(where);
     loss.validate(where);
@@ -152,25 +166,35 @@ class VectorQuantizer {
   /// See the file comment for the order of a training step.
   Context forward(ConstMatrixRef<T> x, RowMatrix<T>& quantized) {
     constexpr const char* where = "VectorQuantizer::forward";
+    // Under a reducer every rank's slice is checked together (a collective):
+    // if one is rejected every rank throws, if one is non-finite all skip.
+    const bool all_finite =
+        dp_ && training_
+            ? dp_->begin_step(x, cfg_.dim, cfg_.non_finite == NonFinitePolicy::reject, where)
+            : true;
     detail::require_batch(x, cfg_.dim, where, "x");
     Context ctx;
     ctx.training = training_;
-    if (cfg_.non_finite == NonFinitePolicy::skip && !x.allFinite()) {
-      ++skipped_;
+    if (cfg_.non_finite == NonFinitePolicy::skip && !(all_finite && x.allFinite())) {
+      if (training_) ++skipped_;  // eval mode changes nothing, not even this count
       ctx.skipped = true;
       quantized.resize(0, cfg_.dim);
       return ctx;
     }
     detail::require_finite(x, where, "x");
     const Index N = x.rows(), K = cfg_.codebook_size;
+    Index rows = N;  // rows of the whole batch (over every rank)
     if (training_) {
-      bank_.push(x, rng_);
-      const bool first = !data_initialized_ && bank_.size() >= cfg_.init_rows();
-      const bool refine = data_initialized_ && !init_refined_ && bank_.full();
+      if (dp_)
+        rows = dp_->push(x, rng_);
+      else
+        bank_.push(x, rng_);
+      const bool first = !data_initialized_ && bank_size() >= cfg_.init_rows();
+      const bool refine = data_initialized_ && !init_refined_ && bank_full();
       if (first || refine) {
-        reinit_from_bank(N);
+        reinit_from_bank(rows);
         data_initialized_ = true;
-        init_refined_ = bank_.full() || !cfg_.refine_init;
+        init_refined_ = bank_full() || !cfg_.refine_init;
         ctx.data_initialized = true;
       }
     }
@@ -187,11 +211,13 @@ class VectorQuantizer {
     Vector<T> counts;
     if (training_ && cfg_.update == CodebookUpdate::ema) {
       auto st = cluster_stats<T>(backend_, x, ctx.indices, K);
+      if (dp_) dp_->all_reduce(st);  // the whole batch's counts and sums
       ema_update<T>(backend_, ema_, st, cfg_.ema, codes_);
       counts = std::move(st.counts);
     } else {
       counts = cluster_counts<T>(backend_, ctx.indices, K);
       if (training_) {  // gradient mode still tracks EMA cluster sizes (replace policy)
+        if (dp_) dp_->all_reduce(counts);
         const T g = T(cfg_.ema.decay);
         ema_.cluster_size = g * ema_.cluster_size + (T(1) - g) * counts;
       }
@@ -204,9 +230,9 @@ class VectorQuantizer {
     ctx.metrics.window = cfg_.usage_window;
     ctx.metrics.window_usage = usage_.used_within(cfg_.usage_window);
     ctx.metrics.dead = usage_.dead(cfg_.dead.dead_after);
-    ctx.metrics.overflow_rows = bank_.overflow_rows();
+    ctx.metrics.overflow_rows = dp_ ? dp_->overflow_rows() : bank_.overflow_rows();
 
-    if (training_) apply_dead_code_policy(ctx, N);
+    if (training_) apply_dead_code_policy(ctx, rows);
     return ctx;
   }
 
@@ -252,6 +278,34 @@ class VectorQuantizer {
   bool init_refined() const { return init_refined_; }
   const Backend& backend() const { return backend_; }
 
+  /// Data-parallel training (docs/distributed.md). Collective: every rank
+  /// calls it, and it throws on every rank unless every rank's quantizer
+  /// has the same config and state (same seed, or the same checkpoint
+  /// loaded). From then on each rank passes its slice of every batch (rank
+  /// 0 the first rows, then rank 1, ...) and a training step keeps every
+  /// rank's codebook identical to that of one process fed the whole batch;
+  /// eval-mode forward and backward stay local. nullptr (or a reducer of
+  /// size 1) returns to the single-process path; the reducer must outlive
+  /// its use here.
+  void set_reducer(Reducer* reducer) {
+    if (dp_) {  // leave with a complete memory bank
+      dp_->sync(bank_);
+      dp_.reset();
+    }
+    if (reducer == nullptr || reducer->size() == 1) return;
+    detail::require_same_on_every_rank(*reducer, detail::fingerprint(*this),
+                                       "VectorQuantizer::set_reducer");
+    dp_.emplace(*reducer, bank_);
+  }
+  Reducer* reducer() const { return dp_ ? &dp_->reducer() : nullptr; }
+
+  /// Under a reducer, memory_bank() lacks the rows other ranks pushed since
+  /// the bank was last read; this collective gathers them (state() and
+  /// checkpoints need it). Without a reducer it does nothing.
+  void sync_memory_bank() {
+    if (dp_) dp_->sync(bank_);
+  }
+
   /// Replaces the codebook (e.g. from a trained model); the EMA state is
   /// reset consistently with N_k = 1.
   void set_codebook(ConstMatrixRef<T> codes) {
@@ -280,6 +334,9 @@ class VectorQuantizer {
   };
 
   State state() const {
+    VQKIT_REQUIRE(!dp_ || !dp_->pending(), "VectorQuantizer::state",
+                  "the memory bank lacks rows other ranks pushed: call sync_memory_bank() on "
+                  "every rank first");
     State s;
     s.codes = codes_;
     s.grad = grad_;
@@ -319,6 +376,16 @@ class VectorQuantizer {
                   s.bank.rows(), "x", s.bank.cols(), ", expected ", cfg_.bank_rows(), "x", D);
     VQKIT_REQUIRE(s.step >= 0 && s.reinits >= 0 && s.replaced >= 0 && s.skipped >= 0, where,
                   "negative step counters");
+    // No run reaches 2^62 steps; a larger counter (a hostile checkpoint)
+    // would overflow on the next step.
+    constexpr std::int64_t max_count = std::int64_t{1} << 62;
+    VQKIT_REQUIRE(s.step < max_count && s.reinits < max_count && s.replaced < max_count &&
+                      s.skipped < max_count,
+                  where, "step counters must be below 2^62, got step ", s.step, ", reinits ",
+                  s.reinits, ", replaced ", s.replaced, ", skipped ", s.skipped);
+    VQKIT_REQUIRE(s.steps_since_used.size() == 0 || s.steps_since_used.maxCoeff() < max_count,
+                  where, "usage steps_since_used must be below 2^62, got ",
+                  s.steps_since_used.maxCoeff());
     detail::require_finite(s.codes, where, "codebook");
     detail::require_finite(s.ema.embed_sum, where, "EMA sums");
     MemoryBank<T> bank(cfg_.bank_rows(), D);
@@ -337,12 +404,14 @@ class VectorQuantizer {
     data_initialized_ = s.data_initialized;
     init_refined_ = s.init_refined;
     training_ = s.training;
+    if (dp_) dp_->reset(bank_);  // every rank must set the same state
   }
 
  private:
   /// k-means over the memory bank; codes and EMA state re-initialised
   /// consistently, cluster counts scaled to `rows_per_step`.
   void reinit_from_bank(Index rows_per_step) {
+    if (dp_) dp_->sync(bank_);  // collective: the same bank on every rank
     KMeansOptions ko;
     ko.k = cfg_.codebook_size;
     ko.iterations = cfg_.kmeans_iterations;
@@ -357,7 +426,7 @@ class VectorQuantizer {
   void apply_dead_code_policy(Context& ctx, Index rows_per_step) {
     const Index K = cfg_.codebook_size;
     if (cfg_.dead.policy == DeadCodePolicy::kmeans_reinit) {
-      if (data_initialized_ && bank_.size() >= K &&
+      if (data_initialized_ && bank_size() >= K &&
           kmeans_reinit_due(cfg_.dead, step_, ctx.metrics.dead, K)) {
         reinit_from_bank(rows_per_step);
         ++reinits_;
@@ -368,6 +437,7 @@ class VectorQuantizer {
       const T threshold = T(cfg_.dead.replace_threshold) * mean;
       for (Index k = 0; k < K; ++k) {
         if (ema_.cluster_size[k] >= threshold) continue;
+        if (dp_ && ctx.replaced == 0) dp_->sync(bank_);  // collective: the decision is global
         const auto row = bank_.random_row(rng_);
         ema_reset_code<T>(ema_, codes_, k, row, mean);
         usage_.reset(k);
@@ -376,6 +446,10 @@ class VectorQuantizer {
       replaced_ += ctx.replaced;
     }
   }
+
+  // Under a reducer bank_ is complete only after a sync; its size is known sooner.
+  Index bank_size() const { return dp_ ? dp_->bank_size() : bank_.size(); }
+  bool bank_full() const { return bank_size() == bank_.capacity(); }
 
   VectorQuantizerConfig cfg_;
   Backend backend_;
@@ -387,6 +461,7 @@ class VectorQuantizer {
   std::int64_t step_ = 0, reinits_ = 0, replaced_ = 0, skipped_ = 0;
   bool data_initialized_ = false, init_refined_ = false;
   bool training_ = true;
+  std::optional<detail::DataParallel<T>> dp_;  ///< engaged under a reducer of size > 1
 };
 
 }  // namespace vqkit

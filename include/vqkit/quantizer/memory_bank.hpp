@@ -82,6 +82,15 @@ class MemoryBank {
                       head < storage.rows() && overflow >= 0,
                   "MemoryBank::restore", "inconsistent bank: capacity ", storage.rows(), ", size ",
                   size, ", head ", head, ", overflow ", overflow);
+    // push() keeps head == size until the ring is full; any other head would
+    // make rows() include a row that was never pushed.
+    VQKIT_REQUIRE(size == storage.rows() || head == size, "MemoryBank::restore",
+                  "inconsistent bank: head ", head, " must equal size ", size,
+                  " until the bank is full (capacity ", storage.rows(), ")");
+    // Rows past size are never read: zero them, as a fresh bank has them, so
+    // that a restored bank equals the one that was saved (whose unused rows a
+    // checkpoint stores as zeros) whatever the storage held there.
+    storage.bottomRows(storage.rows() - size).setZero();
     data_ = std::move(storage);
     size_ = size;
     head_ = head;

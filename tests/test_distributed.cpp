@@ -1,0 +1,311 @@
+// Data-parallel training without MPI: ranks are threads of this process,
+// joined by ThreadReducer (below), so every distributed code path of the
+// quantizer runs in the plain test suite. test_distributed_mpi.cpp runs the
+// same scenarios over MPI (ctest label "mpi").
+#include <catch2/catch.hpp>
+
+#include <barrier>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <thread>
+
+#include <vqkit/distributed/reducer.hpp>
+#include <vqkit/io/checkpoint.hpp>
+#include <vqkit/vqkit.hpp>
+
+#include "test_distributed_util.hpp"
+
+// The core headers (the interface included) must not pull in MPI.
+#if defined(MPI_VERSION) || defined(OMPI_MPI_H)
+#error "a vqkit core header includes <mpi.h>"
+#endif
+
+using namespace vqkit;
+
+namespace {
+
+/// Shared by the ranks of one ThreadReducer group.
+struct ThreadGroup {
+  explicit ThreadGroup(int n) : size(n), barrier(n), buffers(std::size_t(n)) {}
+  int size;
+  std::barrier<> barrier;
+  std::vector<const void*> buffers;  ///< each rank's buffer during a collective
+};
+
+/// A Reducer whose ranks are threads. Sums run in rank order on every rank,
+/// so every rank gets the same bits.
+class ThreadReducer final : public Reducer {
+ public:
+  ThreadReducer(ThreadGroup& g, int rank) : g_(g), rank_(rank) {}
+  int rank() const override { return rank_; }
+  int size() const override { return g_.size; }
+
+ protected:
+  void do_all_reduce_sum(void* data, std::size_t n, ElementType t) override {
+    switch (t) {
+      case ElementType::f32: return sum<float>(data, n);
+      case ElementType::f64: return sum<double>(data, n);
+      case ElementType::i64: return sum<std::int64_t>(data, n);
+    }
+  }
+  void do_broadcast(void* data, std::size_t n, ElementType t, int root) override {
+    publish(data);
+    if (rank_ != root) std::memcpy(data, g_.buffers[std::size_t(root)], n * element_size(t));
+    g_.barrier.arrive_and_wait();
+  }
+  void do_all_gather(const void* mine, const std::size_t* counts, void* all,
+                     ElementType t) override {
+    publish(mine);
+    auto* out = static_cast<char*>(all);
+    for (int r = 0; r < g_.size; ++r) {
+      const std::size_t bytes = counts[r] * element_size(t);
+      if (bytes > 0) std::memcpy(out, g_.buffers[std::size_t(r)], bytes);
+      out += bytes;
+    }
+    g_.barrier.arrive_and_wait();  // nobody reuses a buffer before all have read it
+  }
+
+ private:
+  void publish(const void* p) {
+    g_.buffers[std::size_t(rank_)] = p;
+    g_.barrier.arrive_and_wait();
+  }
+  template <class U>
+  void sum(void* data, std::size_t n) {
+    publish(data);
+    std::vector<U> s(n, U(0));
+    for (int r = 0; r < g_.size; ++r) {
+      const U* b = static_cast<const U*>(g_.buffers[std::size_t(r)]);
+      for (std::size_t i = 0; i < n; ++i) s[i] += b[i];
+    }
+    g_.barrier.arrive_and_wait();
+    std::copy(s.begin(), s.end(), static_cast<U*>(data));
+  }
+
+  ThreadGroup& g_;
+  int rank_;
+};
+
+/// Runs f(reducer) on P threads, one per rank; rethrows the first error.
+/// (Catch2's assertions are not thread-safe: f records, the caller checks.)
+template <class F>
+void run_ranks(int P, F f) {
+  ThreadGroup g(P);
+  std::vector<std::exception_ptr> errors(static_cast<std::size_t>(P));
+  std::vector<std::thread> threads;
+  for (int r = 0; r < P; ++r)
+    threads.emplace_back([&, r] {
+      ThreadReducer reducer(g, r);
+      try {
+        f(reducer);
+      } catch (...) {
+        errors[std::size_t(r)] = std::current_exception();
+      }
+    });
+  for (auto& t : threads) t.join();
+  for (auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+template <class T>
+std::vector<test::Run<T>> train_ranks(const test::Scenario& sc, int P) {
+  std::vector<test::Run<T>> runs(static_cast<std::size_t>(P));
+  run_ranks(P, [&](Reducer& r) { runs[std::size_t(r.rank())] = test::train<T>(sc, &r); });
+  return runs;
+}
+
+std::string message_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const vqkit::error& e) {
+    return e.what();
+  }
+  return "no exception";
+}
+
+}  // namespace
+
+TEMPLATE_TEST_CASE("two ranks given half of every batch each match one process through k-means "
+                   "init and refine and a dead-code re-init and a skipped batch",
+                   "[distributed]", float, double) {
+  const auto sc = test::reinit_scenario();
+  const auto ref = test::train<TestType>(sc, nullptr);
+  // The scenario covers what it should.
+  REQUIRE(ref.steps[0].data_initialized);
+  REQUIRE(test::init_count(ref) == 2);  // and the refine when the bank fills
+  REQUIRE(ref.state.init_refined);
+  REQUIRE(ref.state.reinits >= 1);
+  REQUIRE(ref.state.skipped == 1);
+
+  const auto runs = train_ranks<TestType>(sc, 2);
+  CHECK(test::state_difference<TestType>(runs[0].state, runs[1].state) == "");
+  CHECK(test::run_difference(runs[0], ref, 1e-6) == "");
+  CHECK(test::run_difference(runs[1], ref, 1e-6) == "");
+}
+
+TEST_CASE("three ranks with uneven slices match one process", "[distributed]") {
+  auto sc = test::reinit_scenario();
+  sc.rows = 97;  // slices of 32, 32 and 33 rows
+  const auto ref = test::train<double>(sc, nullptr);
+  REQUIRE(ref.state.reinits >= 1);
+  const auto runs = train_ranks<double>(sc, 3);
+  CHECK(test::state_difference<double>(runs[0].state, runs[1].state) == "");
+  CHECK(test::state_difference<double>(runs[0].state, runs[2].state) == "");
+  CHECK(test::run_difference(runs[0], ref, 1e-6) == "");
+}
+
+TEST_CASE("the replace policy with a bank smaller than the batch matches one process",
+          "[distributed]") {
+  const auto sc = test::replace_scenario();
+  const auto ref = test::train<float>(sc, nullptr);
+  REQUIRE(ref.state.replaced > 0);
+  REQUIRE(ref.state.bank_overflow > 0);
+  const auto runs = train_ranks<float>(sc, 2);
+  CHECK(test::state_difference<float>(runs[0].state, runs[1].state) == "");
+  CHECK(test::run_difference(runs[0], ref, 1e-6) == "");
+}
+
+TEST_CASE("gradient mode (counts all-reduced) matches one process", "[distributed]") {
+  const auto sc = test::gradient_scenario();
+  const auto ref = test::train<double>(sc, nullptr);
+  REQUIRE(ref.state.replaced > 0);
+  const auto runs = train_ranks<double>(sc, 2);
+  CHECK(test::state_difference<double>(runs[0].state, runs[1].state) == "");
+  CHECK(test::run_difference(runs[0], ref, 1e-6) == "");
+}
+
+TEST_CASE("a rank's bad slice makes every rank throw and changes nothing",
+          "[distributed][errors]") {
+  auto cfg = test::reinit_scenario().cfg;
+  cfg.non_finite = NonFinitePolicy::reject;
+  std::vector<std::string> nan_msg(2), shape_msg(2), unchanged(2);
+  std::vector<VectorQuantizer<float>::State> end(2);
+  run_ranks(2, [&](Reducer& r) {
+    const auto me = std::size_t(r.rank());
+    VectorQuantizer<float> vq(cfg, cpu{1});
+    vq.set_reducer(&r);
+    RowMatrix<float> q;
+    for (int s = 0; s < 3; ++s) vq.forward(test::gaussian<float>(50, 8, 10 * me + s), q);
+    vq.sync_memory_bank();
+    const auto before = vq.state();
+    RowMatrix<float> x = test::gaussian<float>(50, 8, 99 + me);
+    if (me == 1) x(7, 2) = std::numeric_limits<float>::quiet_NaN();
+    nan_msg[me] = message_of([&] { vq.forward(x, q); });
+    const RowMatrix<float> narrow = test::gaussian<float>(50, me == 0 ? 7 : 8, 5);
+    shape_msg[me] = message_of([&] { vq.forward(narrow, q); });
+    vq.sync_memory_bank();
+    unchanged[me] = test::state_difference<float>(before, vq.state());
+    vq.forward(test::gaussian<float>(50, 8, 200 + me), q);  // the ranks are still in step
+    vq.sync_memory_bank();
+    end[me] = vq.state();
+  });
+  CHECK_THAT(nan_msg[1], Catch::Contains("non-finite value (nan) at row 7, column 2"));
+  CHECK_THAT(nan_msg[0], Catch::Contains("rank 1 rejected its slice"));
+  CHECK_THAT(shape_msg[0], Catch::Contains("7 columns, expected 8"));
+  CHECK_THAT(shape_msg[1], Catch::Contains("rank 0 rejected its slice"));
+  CHECK(unchanged[0] == "");
+  CHECK(unchanged[1] == "");
+  CHECK(test::state_difference<float>(end[0], end[1]) == "");
+}
+
+TEST_CASE("set_reducer throws on every rank when the ranks' quantizers differ",
+          "[distributed][errors]") {
+  std::vector<std::string> msg(2);
+  run_ranks(2, [&](Reducer& r) {
+    auto cfg = test::reinit_scenario().cfg;
+    cfg.seed = std::uint64_t(r.rank());  // the classic mistake
+    VectorQuantizer<float> vq(cfg, cpu{1});
+    msg[std::size_t(r.rank())] = message_of([&] { vq.set_reducer(&r); });
+    if (vq.reducer() != nullptr) msg[std::size_t(r.rank())] += " (attached anyway)";
+  });
+  for (const auto& m : msg)
+    CHECK_THAT(m, Catch::Contains("the quantizer of rank 1 differs from rank 0's"));
+}
+
+TEST_CASE("eval-mode forward is local: one rank may run it alone", "[distributed]") {
+  const auto sc = test::reinit_scenario();
+  std::vector<VectorQuantizer<double>::State> end(2);
+  run_ranks(2, [&](Reducer& r) {
+    VectorQuantizer<double> vq(sc.cfg, cpu{1});
+    vq.set_reducer(&r);
+    RowMatrix<double> q;
+    for (int s = 0; s < 8; ++s) {
+      const auto x = test::scenario_batch<double>(sc, s);
+      const auto [first, count] = test::slice_of(sc.rows, r.rank(), 2);
+      vq.forward(x.middleRows(first, count), q);
+      if (r.rank() == 0) {  // a local evaluation, no collective
+        vq.eval();
+        vq.forward(test::gaussian<double>(10 + s, 8, 300), q);
+        vq.train();
+      }
+    }
+    vq.sync_memory_bank();
+    end[std::size_t(r.rank())] = vq.state();
+  });
+  CHECK(test::state_difference<double>(end[0], end[1]) == "");
+}
+
+TEST_CASE("checkpoints under a reducer: after a sync every rank saves the same bytes and resumes "
+          "in step",
+          "[distributed][checkpoint]") {
+  const auto sc = test::reinit_scenario();
+  const auto straight = train_ranks<double>(sc, 2);  // the same run, not interrupted
+  std::vector<std::string> refused(2);
+  std::vector<std::vector<std::uint8_t>> bytes(2);
+  std::vector<VectorQuantizer<double>::State> end(2);
+  run_ranks(2, [&](Reducer& r) {
+    const auto me = std::size_t(r.rank());
+    const auto range = test::slice_of(sc.rows, r.rank(), 2);  // (first row, rows)
+    auto slice = [&](int s) {
+      const RowMatrix<double> x = test::scenario_batch<double>(sc, s);
+      return RowMatrix<double>(x.middleRows(range.first, range.second));
+    };
+    VectorQuantizer<double> vq(sc.cfg, cpu{1});
+    vq.set_reducer(&r);
+    RowMatrix<double> q;
+    int s = 0;
+    for (; s < 12; ++s) vq.forward(slice(s), q);
+    refused[me] = message_of([&] { (void)vq.state(); });
+    vq.sync_memory_bank();
+    bytes[me] = safetensors::serialize(to_safetensors(vq));  // rank 0 would write it
+    // Every rank loads the checkpoint into a new quantizer, then attaches it.
+    VectorQuantizer<double> back(sc.cfg, cpu{1});
+    from_safetensors(safetensors::parse(bytes[me]), back);
+    back.set_reducer(&r);
+    for (; s < sc.steps; ++s) back.forward(slice(s), q);
+    back.sync_memory_bank();
+    end[me] = back.state();
+  });
+  CHECK_THAT(refused[0], Catch::Contains("call sync_memory_bank() on every rank first"));
+  CHECK(bytes[0] == bytes[1]);
+  CHECK(test::state_difference<double>(end[0], end[1]) == "");
+  CHECK(test::state_difference<double>(end[0], straight[0].state) == "");
+}
+
+TEST_CASE("a reducer of size 1 is the single-process path", "[distributed]") {
+  const auto sc = test::reinit_scenario();
+  LocalReducer local;
+  VectorQuantizer<float> vq(sc.cfg, cpu{1});
+  vq.set_reducer(&local);
+  CHECK(vq.reducer() == nullptr);
+  const auto with = test::train<float>(sc, &local);
+  const auto without = test::train<float>(sc, nullptr);
+  CHECK(test::state_difference<float>(with.state, without.state) == "");
+
+  // LocalReducer's collectives leave data as it is; a gather copies.
+  std::vector<double> v{1.5, -2.0};
+  local.all_reduce_sum(std::span<double>(v));
+  local.broadcast(std::span<double>(v));
+  CHECK(v == std::vector<double>{1.5, -2.0});
+  std::vector<std::int64_t> all(2);
+  const std::vector<std::size_t> counts{2};
+  local.all_gather(std::span<const std::int64_t>(std::vector<std::int64_t>{4, 5}),
+                   std::span<const std::size_t>(counts), std::span<std::int64_t>(all));
+  CHECK(all == std::vector<std::int64_t>{4, 5});
+  CHECK_THAT(message_of([&] {
+               local.all_gather(std::span<const std::int64_t>(all.data(), 1),
+                                std::span<const std::size_t>(counts), std::span<std::int64_t>(all));
+             }),
+             Catch::Contains("rank 0 contributes 1 elements, counts says 2"));
+}
