@@ -370,6 +370,27 @@ TEMPLATE_TEST_CASE("tiny and subnormal inputs give defined results", "[reliabili
   }
 }
 
+// Hidden ([.]: ctest does not run it) until nearest_code handles float input
+// whose squared norms or dot products leave float's range; run it with
+//   build/tests/test_reliability "[nearest_code_range]"
+// Today the search returns far codes there (ties of inf or of 0), though the
+// nearest code is well defined. See docs/reliability.md, "Numbers".
+TEST_CASE("float search outside float's squared range still finds the nearest code",
+          "[.][nearest_code_range]") {
+  struct Case {
+    Index D;
+    double scale;
+  };
+  const Case cases[] = {{512, 1e18}, {8, 1e19}, {8, 1e-41}};
+  for (const auto& c : cases) {
+    INFO("D = " << c.D << ", scale " << c.scale);
+    const auto cl = clusters<float>(16, 256, c.D, c.scale, 7);
+    IndexVector idx(256);
+    nearest_code<float>(cpu{}, cl.centres, cl.x, idx);
+    check_nearest(cl.centres, cl.x, idx, 1e-4);
+  }
+}
+
 // ---- extreme sizes --------------------------------------------------------------
 
 TEMPLATE_TEST_CASE("D = 1: L2 and cosine", "[reliability][sizes]", float, double) {
@@ -397,7 +418,7 @@ TEMPLATE_TEST_CASE("D = 1: L2 and cosine", "[reliability][sizes]", float, double
   }
 }
 
-TEMPLATE_TEST_CASE("K = 1: one code, the data mean; metrics of a single code", "[reliability][sizes]",
+TEMPLATE_TEST_CASE("K = 1: one code at the data mean, metrics of a single code", "[reliability][sizes]",
                    float, double) {
   using T = TestType;
   const auto policy =
@@ -532,7 +553,7 @@ TEST_CASE("a checkpoint with counters at the int64 limit is refused", "[reliabil
   CHECK_THAT(error_of([&] { from_safetensors(f, vq); }), Catch::Contains("steps_since_used"));
 }
 
-TEST_CASE("a checkpoint's unused bank rows are zeroed on load; an impossible ring position is refused",
+TEST_CASE("a checkpoint's unused bank rows are zeroed on load and an impossible ring position is refused",
           "[reliability][checkpoint]") {
   auto cfg = small_config(4, 3);
   cfg.memory_bank_size = 64;
@@ -569,10 +590,10 @@ TEST_CASE("error messages stay short whatever the hostile input", "[reliability]
   // nlohmann's parse errors quote the last token read; a header can make it
   // as long as itself.
   const std::string header = "{\"" + std::string(100000, 'a');
-  Bytes b(8);
+  Bytes b(8 + header.size());
   const std::uint64_t n = header.size();
   std::memcpy(b.data(), &n, 8);
-  b.insert(b.end(), header.begin(), header.end());
+  std::memcpy(b.data() + 8, header.data(), header.size());
   const std::string msg = error_of([&] { safetensors::parse(b); });
   CHECK_THAT(msg, Catch::Contains("header is not valid JSON") && Catch::Contains("line 1"));
   CHECK(msg.size() < 600);
@@ -698,7 +719,7 @@ TEMPLATE_TEST_CASE("a checkpoint moves between thread counts without changing a 
   CHECK(safetensors::serialize(to_safetensors(a)) == safetensors::serialize(to_safetensors(a2)));
 }
 
-TEST_CASE("the same seed and data give the same bytes; another seed does not",
+TEST_CASE("the same seed and data give the same bytes, another seed does not",
           "[reliability][determinism]") {
   auto run = [](std::uint64_t seed) {
     auto cfg = small_config(32, 8, seed);
