@@ -9,6 +9,8 @@
 #include <vqkit/layers/layer_norm.hpp>
 #include <vqkit/layers/linear.hpp>
 
+#include "gradcheck.hpp"
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -21,79 +23,10 @@ using Catch::Matchers::Contains;
 
 namespace {
 
-RowMatrix<double> randn(Index rows, Index cols, vqkit::Rng& rng, double scale = 1.0) {
-  RowMatrix<double> m(rows, cols);
-  for (Index i = 0; i < m.size(); ++i) m.data()[i] = scale * rng.normal();
-  return m;
-}
-
-double max_abs(const RowMatrix<double>& m) { return m.size() ? m.cwiseAbs().maxCoeff() : 0.0; }
-
-// max |a - b| / max(max |a|, max |b|); 0 when both are exactly zero.
-double rel_err(const RowMatrix<double>& a, const RowMatrix<double>& b) {
-  REQUIRE(a.rows() == b.rows());
-  REQUIRE(a.cols() == b.cols());
-  const double scale = std::max(max_abs(a), max_abs(b));
-  if (scale == 0.0) return 0.0;
-  return max_abs(a - b) / scale;
-}
-
-// Anything with forward(x, y), backward(ctx, dy, dx*), parameters(), zero_grad().
-template <class Layer>
-double loss(const Layer& layer, const RowMatrix<double>& x, const RowMatrix<double>& g) {
-  RowMatrix<double> y;
-  layer.forward(x, y);
-  return (g.array() * y.array()).sum();
-}
-
-// Fourth-order central differences of L = sum(G * f(x)) with respect to
-// every entry of `target` (x itself, or a parameter of the layer):
-//   dL/dt ~ (-L(t+2h) + 8 L(t+h) - 8 L(t-h) + L(t-2h)) / (12 h).
-// The wider stencil (h = 1e-3, truncation O(h^4)) keeps the rounding noise of
-// L small next to gradients that are themselves small, such as LayerNorm's
-// dx for dim = 2, which is proportional to eps.
-template <class Layer>
-RowMatrix<double> numeric_grad(const Layer& layer, RowMatrix<double>& target,
-                               const RowMatrix<double>& x, const RowMatrix<double>& g) {
-  const double h = 1e-3;
-  RowMatrix<double> out(target.rows(), target.cols());
-  for (Index i = 0; i < target.size(); ++i) {
-    const double orig = target.data()[i];
-    double l[4];
-    const double steps[4] = {2 * h, h, -h, -2 * h};
-    for (int s = 0; s < 4; ++s) {
-      target.data()[i] = orig + steps[s];
-      l[s] = loss(layer, x, g);  // x may be target itself
-    }
-    target.data()[i] = orig;
-    out.data()[i] = (8 * (l[1] - l[2]) - (l[0] - l[3])) / (12 * h);
-  }
-  return out;
-}
-
-// Analytic backward against finite differences, for the input and every parameter.
-template <class Layer>
-void check_gradients(Layer& layer, const RowMatrix<double>& x, vqkit::Rng& rng) {
-  RowMatrix<double> y;
-  const auto ctx = layer.forward(x, y);
-  const RowMatrix<double> g = randn(y.rows(), y.cols(), rng);
-  layer.zero_grad();
-  RowMatrix<double> dx;
-  layer.backward(ctx, g, &dx);
-
-  {
-    RowMatrix<double> xp = x;
-    const RowMatrix<double> fdx = numeric_grad(layer, xp, xp, g);
-    INFO("input gradient, x is " << x.rows() << "x" << x.cols());
-    CHECK(rel_err(dx, fdx) < 1e-6);
-  }
-
-  for (auto& p : layer.parameters()) {
-    INFO("parameter " << p.name);
-    const RowMatrix<double> fd = numeric_grad(layer, *p.value, x, g);
-    CHECK(rel_err(*p.grad, fd) < 1e-6);
-  }
-}
+using vqkit::test::check_gradients;
+using vqkit::test::max_abs;
+using vqkit::test::randn;
+using vqkit::test::rel_err;
 
 // Snapshot of every parameter and gradient, to prove a throwing call changed nothing.
 template <class Layer>
