@@ -552,6 +552,8 @@ TEST_CASE("a damaged checkpoint is rejected and changes nothing", "[checkpoint][
     replaced("rng.state", st::from_vector(std::vector<std::uint64_t>(4, 0)), "all zeros");
     replaced("ema.cluster_size", st::from_vector(Vector<float>::Constant(64, -1.0f)),
              "ema.cluster_size' holds a negative value");
+    replaced("ema.cluster_size", st::from_vector(Vector<float>::Zero(64)),
+             "tensor 'ema.cluster_size' sums to 0");
     edited([](st::File& f) {
       RowMatrix<float> bank = f.matrix<float>("memory_bank.rows");
       bank(3, 2) = std::numeric_limits<float>::infinity();
@@ -570,6 +572,16 @@ TEST_CASE("a damaged checkpoint is rejected and changes nothing", "[checkpoint][
     with_meta("refine_init", "1", "refine_init is 1 in the checkpoint but true in this quantizer");
     with_meta("scalar", "float16",
               "the checkpoint holds float16 tensors, but this quantizer uses float32");
+  }
+  SECTION("a config larger than the file's tensors is rejected before it allocates") {
+    st::File f = good_file;
+    f.metadata["codebook_size"] = "1000000";  // 1e6 codes: 4 GB of codebook, bank and EMA
+    f.metadata["memory_bank_size"] = "2000000";
+    f.metadata["init_min_rows"] = "2000000";
+    st::save(path, f);
+    CHECK_THAT(error_of([&] { load_quantizer<float>(path); }),
+               Catch::Contains("tensor 'codebook' does not have the shape its config implies "
+                               "(codebook_size=1000000"));
   }
   SECTION("a plain safetensors file") {
     st::File f;

@@ -460,6 +460,10 @@ void restore(const safetensors::File& f, VectorQuantizer<T, B>& vq, const std::s
   require_finite_values(s.ema.embed_sum, where, "ema.embed_sum");
   VQKIT_REQUIRE((s.ema.cluster_size.array() >= T(0)).all(), where.c_str(),
                 "tensor 'ema.cluster_size' holds a negative value");
+  // Every code is rewritten as M_k / Nhat_k with Nhat_k proportional to the
+  // total size: a total of 0 would divide by zero on the next EMA step.
+  VQKIT_REQUIRE(s.ema.cluster_size.sum() > T(0), where.c_str(),
+                "tensor 'ema.cluster_size' sums to 0 (every EMA cluster is empty)");
   VQKIT_REQUIRE((s.steps_since_used.array() >= 0).all(), where.c_str(),
                 "tensor 'usage.steps_since_used' holds a negative value");
   VQKIT_REQUIRE((s.used_since_reset.array() == 0 || s.used_since_reset.array() == 1).all(),
@@ -566,6 +570,20 @@ VectorQuantizer<T, B> load_quantizer(const std::string& path, B backend = {}) {
   } catch (const error& e) {
     detail::throw_error(where.c_str(), e.what());
   }
+  // The file's tensors must match its config before the config sizes any
+  // allocation: a hostile config (say 10^6 codes) over a small file must be
+  // rejected, not allocated.
+  const auto shape_is = [&](const char* name, std::vector<std::int64_t> want) {
+    const auto it = f.tensors.find(name);
+    VQKIT_REQUIRE(it != f.tensors.end(), where.c_str(), "the checkpoint has no tensor '", name,
+                  "'");
+    VQKIT_REQUIRE(it->second.shape == want, where.c_str(), "tensor '", name,
+                  "' does not have the shape its config implies (codebook_size=",
+                  cfg.codebook_size, ", dim=", cfg.dim, ", memory bank rows=", cfg.bank_rows(),
+                  ")");
+  };
+  shape_is("codebook", {cfg.codebook_size, cfg.dim});
+  shape_is("memory_bank.rows", {cfg.bank_rows(), cfg.dim});
   VectorQuantizer<T, B> vq(cfg, backend);
   detail::ckpt::restore(f, vq, where);
   return vq;
