@@ -1,0 +1,254 @@
+// Tests of include/vqkit/tokenizer/config.hpp (presets against design.md §3,
+// JSON round trip, rejected keys and values, the example files) and of the
+// training tooling in include/vqkit/util/progress.hpp.
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+#include <vqkit/tokenizer/config.hpp>
+#include <vqkit/util/progress.hpp>
+
+using namespace vqkit;
+namespace fs = std::filesystem;
+using Catch::Matchers::Contains;
+
+namespace {
+
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    static int counter = 0;
+    path = fs::temp_directory_path() /
+           ("vqkit_test_tokcfg_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  std::string operator/(const std::string& name) const { return (path / name).string(); }
+};
+
+std::string read_text(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+const std::string kExamples = std::string(VQKIT_FIXTURE_DIR) + "/../../examples/configs/";
+
+}  // namespace
+
+TEST_CASE("paper preset carries design.md §3's numbers") {
+  const TokenizerConfig c = TokenizerConfig::paper();
+  CHECK(c.roi_x_min == -80.0);
+  CHECK(c.roi_x_max == 80.0);
+  CHECK(c.roi_y_min == -80.0);
+  CHECK(c.roi_y_max == 80.0);
+  CHECK(c.roi_z_min == -4.5);
+  CHECK(c.roi_z_max == 4.5);
+  CHECK(c.voxels_x == 1024);
+  CHECK(c.voxels_y == 1024);
+  CHECK(c.voxels_z == 64);
+  CHECK(c.pointnet_dim == 16);
+  CHECK(c.bev_dim == 64);
+  CHECK(c.patch_size == 4);
+  CHECK(c.embed_dim == 128);
+  CHECK(c.window_size == 8);
+  CHECK(c.num_heads == 8);
+  CHECK(c.stage1_depth == 2);
+  CHECK(c.stage2_depth == 6);
+  CHECK(c.merged_dim == 256);
+  CHECK(c.codebook_size == 1024);
+  CHECK(c.code_dim == 1024);
+  CHECK(c.token_grid_x() == 128);  // "VQ ... on a 128x128 token grid"
+  CHECK(c.token_grid_y() == 128);
+  CHECK(c.feature_grid_xy == 512);  // (512, 512, 64, 16) feature grid
+  CHECK(c.feature_grid_z == 64);
+  CHECK(c.feature_channels == 16);
+  CHECK(c.occupancy_pool == 8);  // max-pooled 8x in BEV
+  CHECK(c.depth_eps == 0.4);
+  // The seed's fix and the paper: codebook term 0.25, commitment term 1.0.
+  CHECK(c.codebook_weight == 0.25);
+  CHECK(c.commitment_weight == 1.0);
+  CHECK(c.lr == 1e-3);
+  CHECK(c.beta2 == 0.95);
+  CHECK(c.weight_decay == 1e-4);
+  CHECK(c.warmup_steps == 4000);
+  CHECK(c.grad_clip == 0.1);
+  CHECK(c.batch_size == 16);
+  CHECK_NOTHROW(c.validate());
+  const auto g = c.voxel_grid();
+  CHECK(g.nx == 1024);
+  CHECK(g.size_x() == Approx(0.15625));
+  const auto q = c.quantizer_config();
+  CHECK(q.codebook_size == 1024);
+  CHECK(q.dim == 1024);
+  CHECK(q.loss.codebook_weight == 0.25);
+  CHECK(q.loss.commitment_weight == 1.0);
+  CHECK_NOTHROW(q.validate());
+}
+
+TEST_CASE("small preset: the CPU config of design.md §3 and docs/tokenizer.md") {
+  const TokenizerConfig c = TokenizerConfig::small();
+  CHECK(c.roi_x_min == -25.6);
+  CHECK(c.roi_x_max == 25.6);
+  CHECK(c.voxels_x == 128);
+  CHECK(c.voxels_y == 128);
+  CHECK(c.voxels_z == 16);
+  CHECK(c.token_grid_x() == 16);
+  CHECK(c.patch_grid_x() == 32);
+  CHECK(c.codebook_size >= 256);
+  CHECK(c.codebook_size <= 512);
+  CHECK(c.code_dim == 64);
+  CHECK(c.feature_upsample() == 4);
+  CHECK(c.occupancy_x() == 32);  // one coarse cell per decoder token
+  CHECK(c.codebook_weight == 0.25);
+  CHECK(c.commitment_weight == 1.0);
+  CHECK(c.depth_eps == 0.4);
+  CHECK_NOTHROW(c.validate());
+  CHECK(c.voxel_grid().size_x() == Approx(0.4));
+  CHECK(c == TokenizerConfig{});
+}
+
+TEST_CASE("config JSON round trip, presets and the example files") {
+  TempDir dir;
+  for (const TokenizerConfig& base : {TokenizerConfig::small(), TokenizerConfig::paper()}) {
+    TokenizerConfig c = base;
+    c.lr = 3.5e-4;
+    c.seed = 18446744073709551615ull;  // the largest u64 survives
+    c.ray_near = 0.123456789012345;
+    c.save(dir / "c.json");
+    const TokenizerConfig back = TokenizerConfig::load(dir / "c.json");
+    CHECK(back == c);
+    CHECK(TokenizerConfig::from_json(c.to_json()) == c);
+    // every field is written
+    CHECK(c.to_json().size() == TokenizerConfig::fields().size());
+  }
+  // "preset" picks the base, other keys override it
+  const auto p = TokenizerConfig::parse(R"({"preset": "paper", "batch_size": 4})");
+  TokenizerConfig expect = TokenizerConfig::paper();
+  expect.batch_size = 4;
+  CHECK(p == expect);
+  CHECK(TokenizerConfig::parse("{}") == TokenizerConfig::small());
+  // the shipped examples are exactly the presets
+  CHECK(TokenizerConfig::load(kExamples + "small.json") == TokenizerConfig::small());
+  CHECK(TokenizerConfig::load(kExamples + "paper.json") == TokenizerConfig::paper());
+}
+
+TEST_CASE("config JSON: unknown keys, wrong types and bad values are rejected by name") {
+  const auto bad = [](const std::string& text) { return TokenizerConfig::parse(text); };
+  CHECK_THROWS_WITH(bad(R"({"learning_rate": 0.1})"),
+                    Contains("unknown key 'learning_rate'") && Contains("0.1") && Contains("lr"));
+  CHECK_THROWS_WITH(bad(R"({"beta": 0.25})"), Contains("unknown key 'beta'"));
+  CHECK_THROWS_WITH(bad(R"({"patch_size": 4.5})"), Contains("patch_size=4.5") && Contains("integer"));
+  CHECK_THROWS_WITH(bad(R"({"voxels_x": "128"})"), Contains("voxels_x=\"128\""));
+  CHECK_THROWS_WITH(bad(R"({"lr": true})"), Contains("lr=true") && Contains("number"));
+  CHECK_THROWS_WITH(bad(R"({"lr": null})"), Contains("lr=null"));
+  CHECK_THROWS_WITH(bad(R"({"seed": -1})"), Contains("seed=-1"));
+  CHECK_THROWS_WITH(bad(R"({"preset": "huge"})"), Contains("preset") && Contains("huge"));
+  CHECK_THROWS_WITH(bad(R"([1, 2])"), Contains("JSON object"));
+  CHECK_THROWS_WITH(bad(R"({"lr": )"), Contains("invalid JSON"));
+  // values validate() refuses, named with the key and value
+  CHECK_THROWS_WITH(bad(R"({"lr": -0.001})"), Contains("lr=-0.001"));
+  CHECK_THROWS_WITH(bad(R"({"beta2": 1.0})"), Contains("beta2=1"));
+  CHECK_THROWS_WITH(bad(R"({"patch_size": 3})"), Contains("voxels_x=128") && Contains("patch_size"));
+  CHECK_THROWS_WITH(bad(R"({"num_heads": 3})"), Contains("num_heads=3") && Contains("embed_dim=128"));
+  CHECK_THROWS_WITH(bad(R"({"window_size": 3})"), Contains("window_size=3"));
+  CHECK_THROWS_WITH(bad(R"({"codebook_size": 0})"), Contains("codebook_size=0"));
+  CHECK_THROWS_WITH(bad(R"({"commitment_weight": -1})"), Contains("commitment_weight=-1"));
+  CHECK_THROWS_WITH(bad(R"({"depth_eps": 0})"), Contains("depth_eps=0"));
+  CHECK_THROWS_WITH(bad(R"({"roi_x_min": 30})"), Contains("roi_x_min=30") && Contains("roi_x_max"));
+  CHECK_THROWS_WITH(bad(R"({"occupancy_pool": 3})"), Contains("occupancy_pool=3"));
+  CHECK_THROWS_WITH(bad(R"({"feature_grid_xy": 100})"), Contains("feature_grid_xy=100"));
+  CHECK_THROWS_WITH(bad(R"({"warmup_steps": 5000})"), Contains("warmup_steps=5000"));
+  CHECK_THROWS_WITH(bad(R"({"ray_near": 40})"), Contains("ray_near=40"));
+  CHECK_THROWS_WITH(bad(R"({"grad_clip": 0})"), Contains("grad_clip=0"));
+  TempDir dir;
+  {
+    std::ofstream out(dir / "bad.json");
+    out << R"({"embed_dim": 100})";
+  }
+  CHECK_THROWS_WITH(TokenizerConfig::load(dir / "bad.json"),
+                    Contains("bad.json") && Contains("num_heads=8") && Contains("embed_dim=100"));
+  CHECK_THROWS_WITH(TokenizerConfig::load(dir / "missing.json"), Contains("missing.json"));
+  // save refuses an invalid config and leaves no file
+  TokenizerConfig c;
+  c.batch_size = 0;
+  CHECK_THROWS_WITH(c.save(dir / "x.json"), Contains("batch_size=0"));
+  CHECK_FALSE(fs::exists(dir / "x.json"));
+}
+
+// ----------------------------------------------------------- progress ---
+
+TEST_CASE("progress line: bar, rate, ETA and metrics") {
+  const std::string line = ProgressBar::format_line(25, 100, 10.0, {{"loss", 0.5}, {"ppl", 312.25}}, 20);
+  CHECK_THAT(line, Contains("[=====>              ]"));
+  CHECK_THAT(line, Contains(" 25/100"));
+  CHECK_THAT(line, Contains("2.50 it/s"));
+  CHECK_THAT(line, Contains("ETA 30s"));  // 75 steps at 2.5 it/s
+  CHECK_THAT(line, Contains("loss 0.5"));
+  CHECK_THAT(line, Contains("ppl 312.2"));
+  CHECK(format_duration(3723) == "1h02m03s");
+  CHECK(format_duration(245) == "4m05s");
+  CHECK(format_duration(-1) == "--");
+  CHECK_THAT(ProgressBar::format_line(0, 10, 0.0, {}), Contains("ETA --"));
+  std::ostringstream os;  // not a terminal: full lines, always the last one
+  ProgressBar bar(3, os, 10, 1000.0);
+  bar.update(1, {{"loss", 1.0}});
+  bar.update(2, {{"loss", 0.9}});  // within min_interval: skipped
+  bar.update(3, {{"loss", 0.8}});
+  const std::string out = os.str();
+  CHECK(std::count(out.begin(), out.end(), '\n') == 2);
+  CHECK_THAT(out, Contains("3/3"));
+  CHECK_THAT(out, Contains("loss 0.8"));
+  CHECK_THROWS_WITH(ProgressBar(0), Contains("total"));
+}
+
+TEST_CASE("CSV logger: header, flushed rows, rejected rows") {
+  TempDir dir;
+  const std::string path = dir / "log.csv";
+  CsvLogger log(path, {"step", "loss", "perplexity"});
+  CHECK(read_text(path) == "step,loss,perplexity\n");
+  log.row({1, 0.25, 100});
+  CHECK(read_text(path) == "step,loss,perplexity\n1,0.25,100\n");  // flushed at once
+  log.row({2, std::numeric_limits<double>::quiet_NaN(), -std::numeric_limits<double>::infinity()});
+  CHECK(read_text(path) == "step,loss,perplexity\n1,0.25,100\n2,nan,-inf\n");
+  CHECK_THROWS_WITH(log.row({1, 2}), Contains("2 values for 3 columns"));
+  CHECK(read_text(path) == "step,loss,perplexity\n1,0.25,100\n2,nan,-inf\n");
+  CHECK_THROWS_WITH(CsvLogger(dir / "b.csv", {"a,b"}), Contains("a,b"));
+  CHECK_THROWS_WITH(CsvLogger(dir / "no/such/dir.csv", {"a"}), Contains("dir.csv"));
+}
+
+TEST_CASE("gnuplot helper: script content, and a PNG when gnuplot exists or a message otherwise") {
+  TempDir dir;
+  {
+    CsvLogger log(dir / "t.csv", {"step", "loss", "ppl"});
+    for (int s = 1; s <= 5; ++s) log.row({double(s), 1.0 / s, 10.0 * s});
+  }
+  const std::string script =
+      gnuplot_script(dir / "t.csv", dir / "t.png", "step", {"loss", "ppl"}, "training", true);
+  CHECK_THAT(script, Contains("set output '" + (dir / "t.png") + "'"));
+  CHECK_THAT(script, Contains("column('loss')"));
+  CHECK_THAT(script, Contains("column('ppl')"));
+  CHECK_THAT(script, Contains("set logscale y"));
+  CHECK_THROWS_WITH(gnuplot_script(dir / "t'.csv", dir / "t.png", "step", {"loss"}, "", false),
+                    Contains("quote"));
+  std::ostringstream msg;
+  const bool made = plot_csv(dir / "t.csv", dir / "t.png", "step", {"loss", "ppl"}, "t", false, msg);
+  CHECK(fs::exists(dir / "t.png.gp"));
+  if (program_available("gnuplot")) {
+    CHECK(made);
+    CHECK(fs::exists(dir / "t.png"));
+  } else {
+    CHECK_FALSE(made);
+    CHECK_THAT(msg.str(), Contains("gnuplot not found"));
+  }
+}
