@@ -2,6 +2,9 @@
 //
 //   fma_peak                 the FMA throughput probe (the "% of peak" divisor)
 //   search/{l2,cosine}       nearest_code (the AVX-512 kernel where built with it)
+//   search_bf16/{l2,cosine}  nearest_code with SearchMode{Precision::bf16_rerank}
+//                            (bf16 dot products + exact fp32 re-rank; the same
+//                            results as search/, see nearest_code_bf16.hpp)
 //   search_gemm_tiles/l2     the generic path (Eigen GEMM tiles + argmin), for reference
 //   ema_update               cluster_stats + ema_update
 //   metrics                  cluster_counts + batch_metrics
@@ -10,7 +13,11 @@
 // for the shapes (N, K, D) of bench_common.hpp and 1 and 2 threads.
 //
 // Own flags (before Google Benchmark's): --threads=1,2  --quick (keeps the
-// two smallest shapes). Counters: GFLOP/s (2 N K D flops per search, wall
+// two smallest shapes)  --bf16-vs-fp32[=reps] (instead of the benchmarks: the
+// fp32 and the bf16_rerank search alternating, A B A B ..., in one process on
+// the three shapes of docs/performance.md, at the first --threads value
+// (default 2); prints median times, the median per-round ratio, and checks
+// that indices and distances are identical). Counters: GFLOP/s (2 N K D flops per search, wall
 // time) and pct_peak (GFLOP/s over the FMA peak of the same thread count,
 // measured by CPU time at start, see bench_common.hpp; VQKIT_PEAK_GFLOPS_<t>
 // fixes it instead), GB/s for the memory-bound EMA step. Times are wall
@@ -18,6 +25,8 @@
 // or use compare_faiss, which alternates and reports CPU time as well.
 #include <benchmark/benchmark.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
@@ -68,22 +77,64 @@ void bm_fma_peak(benchmark::State& st, int threads) {
   st.counters["GFLOP/s"] = C(vb::fma_chain_flops(iters) * threads * 1e-9, C::kIsIterationInvariantRate);
 }
 
-void bm_search(benchmark::State& st, Metric metric, bool gemm_tiles, vb::Shape s, int threads) {
+void bm_search(benchmark::State& st, Metric metric, bool gemm_tiles, vb::Shape s, int threads,
+               Precision precision) {
   const auto& codes = data(s.K, s.D, 1);
   const auto& x = data(s.N, s.D, 2);
   IndexVector idx(s.N);
   Vector<float> dist;
   SearchOptions opt;
   opt.metric = metric;
+  SearchStats stats;
+  const SearchMode mode{precision, &stats};
   const cpu be{threads};
   for (auto _ : st) {
     if (gemm_tiles)
       detail::nearest_code_gemm_tiles<float>(be, codes, x, idx, &dist, opt, nullptr);
     else
-      nearest_code<float>(be, codes, x, idx, &dist, opt);
+      nearest_code<float>(be, codes, x, idx, &dist, opt, nullptr, mode);
     benchmark::DoNotOptimize(idx.data());
   }
   flop_counters(st, vb::search_flops(s.N, s.K, s.D), threads);
+  if (precision == Precision::bf16_rerank) {
+    st.counters["bf16"] = stats.precision == Precision::bf16_rerank ? 1 : 0;  // 0: fp32 fallback
+    st.counters["reranked_per_row"] = double(stats.reranked) / double(s.N);
+  }
+}
+
+/// --bf16-vs-fp32: fp32 and bf16_rerank alternating on the same data.
+int bf16_vs_fp32(int reps, int threads) {
+  std::printf("bf16_rerank vs fp32 search, alternating (fp32, bf16, fp32, bf16, ...), %d threads, "
+              "1 warm-up + %d rounds each; bf16 supported: %s; load average %s\n",
+              threads, reps, bf16_search_supported() ? "yes" : "NO (fp32 fallback)",
+              vb::load_average().c_str());
+  std::printf("%-20s %-6s %10s %10s %10s %12s %10s %s\n", "N x K x D", "metric", "fp32 ms", "bf16 ms",
+              "fp32/bf16", "fp32 GFLOP/s", "rerank/row", "identical");
+  const cpu be{threads};
+  for (const vb::Shape s : {vb::Shape{16384, 1024, 1024}, vb::Shape{16384, 1024, 256}, vb::Shape{4096, 8192, 256}})
+    for (Metric metric : {Metric::l2, Metric::cosine}) {
+      const auto& codes = data(s.K, s.D, 1);
+      const auto& x = data(s.N, s.D, 2);
+      SearchOptions opt;
+      opt.metric = metric;
+      IndexVector i32(s.N), i16(s.N);
+      Vector<float> d32, d16;
+      SearchStats st;
+      const auto t = vb::alternate(
+          {[&] { nearest_code<float>(be, codes, x, i32, &d32, opt); },
+           [&] { nearest_code<float>(be, codes, x, i16, &d16, opt, nullptr, SearchMode{Precision::bf16_rerank, &st}); }},
+          reps);
+      const bool same = i32 == i16 && d32 == d16;
+      const double f32 = vb::median(t[0].wall), f16 = vb::median(t[1].wall);
+      std::printf("%5ld x %5ld x %4ld  %-6s %10.2f %10.2f %9.3fx %12.1f %10.2f %s\n", long(s.N), long(s.K),
+                  long(s.D), to_string(metric), f32 * 1e3, f16 * 1e3, vb::median_ratio(t[0].wall, t[1].wall),
+                  vb::search_flops(s.N, s.K, s.D) / f32 * 1e-9, double(st.reranked) / double(s.N),
+                  same ? "yes" : "NO");
+      std::fflush(stdout);
+      if (!same) return 1;
+    }
+  std::printf("load average at the end %s\n", vb::load_average().c_str());
+  return 0;
 }
 
 void bm_ema_update(benchmark::State& st, vb::Shape s, int threads) {
@@ -158,6 +209,7 @@ void bm_vq_step(benchmark::State& st, vb::Shape s, int threads) {
 int main(int argc, char** argv) {
   std::vector<int> threads = {1, 2};
   bool quick = false;
+  int ratio_reps = 0;
   std::vector<char*> rest;
   for (int i = 0; i < argc; ++i) {
     if (std::strncmp(argv[i], "--threads=", 10) == 0) {
@@ -167,9 +219,16 @@ int main(int argc, char** argv) {
       while (std::getline(ss, t, ',')) threads.push_back(std::stoi(t));
     } else if (std::strcmp(argv[i], "--quick") == 0) {
       quick = true;
+    } else if (std::strncmp(argv[i], "--bf16-vs-fp32", 14) == 0) {
+      ratio_reps = argv[i][14] == '=' ? std::atoi(argv[i] + 15) : 7;
     } else {
       rest.push_back(argv[i]);
     }
+  }
+  if (ratio_reps > 0) {
+    bool threads_given = false;
+    for (int i = 0; i < argc; ++i) threads_given |= std::strncmp(argv[i], "--threads=", 10) == 0;
+    return bf16_vs_fp32(ratio_reps, threads_given ? threads.front() : 2);
   }
   int rest_argc = int(rest.size());
   benchmark::Initialize(&rest_argc, rest.data());
@@ -195,9 +254,15 @@ int main(int argc, char** argv) {
   };
   for (const auto& s : shapes)
     for (int t : threads) {
-      reg(shape_name("search/l2", s.N, s.K, s.D, t), bm_search, Metric::l2, false, s, t);
-      reg(shape_name("search/cosine", s.N, s.K, s.D, t), bm_search, Metric::cosine, false, s, t);
-      reg(shape_name("search_gemm_tiles/l2", s.N, s.K, s.D, t), bm_search, Metric::l2, true, s, t);
+      reg(shape_name("search/l2", s.N, s.K, s.D, t), bm_search, Metric::l2, false, s, t, Precision::fp32);
+      reg(shape_name("search/cosine", s.N, s.K, s.D, t), bm_search, Metric::cosine, false, s, t,
+          Precision::fp32);
+      reg(shape_name("search_bf16/l2", s.N, s.K, s.D, t), bm_search, Metric::l2, false, s, t,
+          Precision::bf16_rerank);
+      reg(shape_name("search_bf16/cosine", s.N, s.K, s.D, t), bm_search, Metric::cosine, false, s, t,
+          Precision::bf16_rerank);
+      reg(shape_name("search_gemm_tiles/l2", s.N, s.K, s.D, t), bm_search, Metric::l2, true, s, t,
+          Precision::fp32);
     }
   for (const auto& s : shapes)
     for (int t : threads) reg(shape_name("ema_update", s.N, s.K, s.D, t), bm_ema_update, s, t);

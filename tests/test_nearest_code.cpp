@@ -1,7 +1,9 @@
 #include <catch2/catch.hpp>
 #include <vqkit/quantizer/nearest_code.hpp>
+#include <vqkit/io/vecs.hpp>
 
 #include <limits>
+#include <string>
 
 #include "test_util.hpp"
 
@@ -255,21 +257,45 @@ TEST_CASE("nearest_code: zero vectors, and norms near float's range, are handled
   CHECK(r.indices[1] == 1);
   CHECK(r.indices[2] == 2);
 
-  // Rows whose squared norm overflows float (finite entries): searched by the
-  // generic path, same answer as calling it directly.
+  // Rows whose squared norm overflows float (finite entries). Unscaled
+  // (detail::nearest_code_unchecked), the kernel hands their block to the
+  // generic path: the same answer as calling it directly. The public search
+  // scales the whole problem by a power of two into float's safe range
+  // (see nearest_code.hpp) and finds the nearest codes (brute force).
   auto big_x = test::gaussian<float>(200, 8, 41);
   big_x.row(150).setConstant(3e19f);  // ||x||^2 = 7.2e39 > FLT_MAX
   const auto c2 = test::gaussian<float>(20, 8, 42);
-  IndexVector a(200), b(200);
-  nearest_code<float>(cpu{2}, c2, big_x, a);
+  IndexVector a(200), b(200), ref;
+  Vector<double> refd;
+  detail::nearest_code_unchecked<float>(cpu{2}, c2, big_x, a, nullptr, SearchOptions{}, nullptr);
   detail::nearest_code_gemm_tiles<float>(cpu{1}, c2, big_x, b, nullptr, SearchOptions{}, nullptr);
   CHECK(a == b);
-  // Codes with huge norms: the whole search takes the generic path.
+  SearchStats st;
+  nearest_code<float>(cpu{2}, c2, big_x, a, nullptr, SearchOptions{}, nullptr, SearchMode{Precision::fp32, &st});
+  CHECK(st.scale_exponent < 0);
+  // Reference: argmin of ||e||^2 - 2 x.e in double (the differences
+  // x_d - e_d of row 150 round to x_d even in double).
+  const auto expanded_ref = [](const RowMatrix<float>& c, const RowMatrix<float>& xx) {
+    IndexVector r(xx.rows());
+    for (Index i = 0; i < xx.rows(); ++i) {
+      double b = std::numeric_limits<double>::infinity();
+      for (Index k = 0; k < c.rows(); ++k) {
+        const double v = c.row(k).cast<double>().squaredNorm() -
+                         2.0 * c.row(k).cast<double>().dot(xx.row(i).cast<double>());
+        if (v < b) { b = v; r[i] = k; }
+      }
+    }
+    return r;
+  };
+  CHECK(a == expanded_ref(c2, big_x));
+  // Codes with huge norms: unscaled, the whole search takes the generic path.
   RowMatrix<float> big_c = c2;
   big_c.row(3).setConstant(3e19f);
+#if defined(__AVX512F__)
+  REQUIRE_FALSE(detail::nearest_code_avx512(cpu{1}, big_c, big_x, a, nullptr, SearchOptions{}, nullptr));
+#endif
   nearest_code<float>(cpu{2}, big_c, big_x, a);
-  detail::nearest_code_gemm_tiles<float>(cpu{1}, big_c, big_x, b, nullptr, SearchOptions{}, nullptr);
-  CHECK(a == b);
+  CHECK(a == expanded_ref(big_c, big_x));
   // Cosine: a code whose squared norm overflows has 1/||e|| = 0 like a zero
   // code, but its dot products can overflow: it must not reach the kernel.
   big_c.row(3).setConstant(1e38f);
@@ -279,7 +305,148 @@ TEST_CASE("nearest_code: zero vectors, and norms near float's range, are handled
 #if defined(__AVX512F__)
   REQUIRE_FALSE(detail::nearest_code_avx512(cpu{1}, big_c, big_x, a, nullptr, cosine, nullptr));
 #endif
-  nearest_code<float>(cpu{2}, big_c, big_x, a, nullptr, cosine);
+  detail::nearest_code_unchecked<float>(cpu{2}, big_c, big_x, a, nullptr, cosine, nullptr);
   detail::nearest_code_gemm_tiles<float>(cpu{1}, big_c, big_x, b, nullptr, cosine, nullptr);
   CHECK(a == b);
+  nearest_code<float>(cpu{2}, big_c, big_x, a, nullptr, cosine);
+  brute_force(big_c, big_x, Metric::cosine, ref, refd);
+  CHECK(a == ref);
+}
+
+// ---- Precision::bf16_rerank: bf16 dot products + exact fp32 re-rank -----------
+
+namespace {
+
+/// The fp32 and the bf16_rerank search on the same input: indices and
+/// distances must be identical (bit for bit), for 1, 2 and 3 threads.
+/// Returns the number of re-ranked pairs of the 2-thread run.
+Index require_bf16_equals_fp32(const RowMatrix<float>& codes, const RowMatrix<float>& x, Metric metric) {
+  SearchOptions opt;
+  opt.metric = metric;
+  SearchStats fst;
+  IndexVector ref(x.rows());
+  Vector<float> refd;
+  nearest_code<float>(cpu{2}, codes, x, ref, &refd, opt, nullptr, SearchMode{Precision::fp32, &fst});
+  CHECK(fst.precision == Precision::fp32);
+  Index reranked = 0;
+  for (int threads : {2, 1, 3}) {
+    SearchStats st;
+    IndexVector idx(x.rows());
+    Vector<float> dist;
+    nearest_code<float>(cpu{threads}, codes, x, idx, &dist, opt, nullptr,
+                        SearchMode{Precision::bf16_rerank, &st});
+    CHECK(st.precision == (bf16_search_supported() ? Precision::bf16_rerank : Precision::fp32));
+    Index bad = 0;
+    for (Index i = 0; i < x.rows(); ++i) bad += idx[i] != ref[i] || dist[i] != refd[i];
+    REQUIRE(bad == 0);
+    if (threads == 2) reranked = st.reranked;
+    if (st.precision == Precision::bf16_rerank) CHECK(st.reranked >= x.rows());  // >= 1 per row
+  }
+  return reranked;
+}
+
+}  // namespace
+
+TEST_CASE("bf16_rerank: identical to the fp32 search on random data", "[search][bf16]") {
+  if (!bf16_search_supported()) WARN("no AVX512-BF16 here (or no AVX-512 build): the fp32 search serves");
+  for (Index D : {1, 17, 32, 33, 64, 100, 256, 784, 1024}) {
+    for (auto metric : {Metric::l2, Metric::cosine}) {
+      INFO("D = " << D << ", " << to_string(metric));
+      const Index N = D >= 512 ? 150 : 333, K = D >= 512 ? 97 : 203;
+      const auto codes = test::gaussian<float>(K, D, 100 + std::uint64_t(D));
+      const auto x = test::gaussian<float>(N, D, 200 + std::uint64_t(D));
+      const Index reranked = require_bf16_equals_fp32(codes, x, metric);
+      if (bf16_search_supported() && D >= 32) CHECK(reranked < N * K / 4);  // the bound prunes
+    }
+  }
+}
+
+TEST_CASE("bf16_rerank: near-ties far below bf16's resolution are resolved exactly", "[search][bf16]") {
+  // Codes that differ by ~1e-4 relative: bf16 (8-bit significands) cannot
+  // tell them apart, so the approximate pass alone would pick by rounding
+  // noise; the exact re-rank must reproduce the fp32 winner, and its
+  // distances, bit for bit. And exact duplicates: ties to the lowest index.
+  for (Index D : {64, 256}) {
+    const auto base = test::gaussian<float>(8, D, 7);
+    const auto jitter = test::gaussian<float>(96, D, 8, 1e-4);
+    RowMatrix<float> codes(104, D);
+    for (Index k = 0; k < 96; ++k) codes.row(k) = base.row(k % 8) + jitter.row(k);
+    codes.bottomRows(8) = codes.topRows(8);  // codes 96..103 duplicate 0..7
+    RowMatrix<float> x = test::gaussian<float>(257, D, 9, 0.01);
+    for (Index i = 0; i < x.rows(); ++i) x.row(i) += base.row(i % 8);
+    for (auto metric : {Metric::l2, Metric::cosine}) {
+      INFO("D = " << D << ", " << to_string(metric));
+      const Index reranked = require_bf16_equals_fp32(codes, x, metric);
+      if (bf16_search_supported()) CHECK(reranked >= 2 * x.rows());  // near-ties: several candidates
+    }
+  }
+}
+
+TEST_CASE("bf16_rerank: small integers with exact ties", "[search][bf16]") {
+  for (Index D : {6, 19, 64, 100}) {
+    auto base = test::small_integers<float>(41, D, 3);
+    RowMatrix<float> codes(123, D);
+    codes << base, base, base;  // codes k, k+41, k+82 are equal
+    const auto x = test::small_integers<float>(301, D, 4);
+    for (auto metric : {Metric::l2, Metric::cosine}) {
+      INFO("D = " << D << ", " << to_string(metric));
+      require_bf16_equals_fp32(codes, x, metric);
+      SearchOptions opt;
+      opt.metric = metric;
+      auto r = nearest_code<float>(cpu{2}, codes, x, opt, SearchMode{Precision::bf16_rerank});
+      IndexVector ref;
+      Vector<double> refd;
+      brute_force(codes, x, metric, ref, refd);
+      for (Index i = 0; i < x.rows(); ++i) {
+        REQUIRE(r.indices[i] < 41);  // the lowest of three equal codes
+        if (metric == Metric::l2) REQUIRE(r.indices[i] == ref[i]);  // exact integer arithmetic
+      }
+    }
+  }
+}
+
+TEST_CASE("bf16_rerank: identical to fp32 on GloVe and MNIST", "[search][bf16][data]") {
+  const std::string glove = test::data_file("vectors/glove100/glove100_base_10k.fvecs");
+  const std::string mnist = test::data_file("vectors/mnist10k/mnist10k_784d.bvecs");
+  if (glove.empty() || mnist.empty()) {
+    WARN("shared data not found: skipped");
+    return;
+  }
+  {
+    const RowMatrix<float> all = io::read_fvecs(glove, 1800);  // D = 100
+    const RowMatrix<float> codes = all.topRows(300), x = all.bottomRows(1500);
+    for (auto metric : {Metric::l2, Metric::cosine}) require_bf16_equals_fp32(codes, x, metric);
+  }
+  {
+    const RowMatrix<float> all = io::read_bvecs(mnist, 1400);  // D = 784, pixels 0..255
+    const RowMatrix<float> codes = all.topRows(200), x = all.bottomRows(1200);
+    for (auto metric : {Metric::l2, Metric::cosine}) require_bf16_equals_fp32(codes, x, metric);
+  }
+}
+
+TEST_CASE("bf16_rerank: falls back to fp32 without an error, and says so", "[search][bf16]") {
+  const auto codes = test::gaussian<float>(50, 40, 1);
+  const auto x = test::gaussian<float>(70, 40, 2);
+  SearchStats st;
+  const SearchMode bf{Precision::bf16_rerank, &st};
+  IndexVector ref(70), idx(70);
+  nearest_code<float>(cpu{2}, codes, x, ref);
+  // CPU feature missing (simulated): the fp32 search runs.
+  detail::bf16_disabled = true;
+  CHECK_FALSE(bf16_search_supported());
+  nearest_code<float>(cpu{2}, codes, x, idx, nullptr, {}, nullptr, bf);
+  detail::bf16_disabled = false;
+  CHECK(st.precision == Precision::fp32);
+  CHECK(st.reranked == 0);
+  CHECK(idx == ref);
+  // double: always the double search.
+  const RowMatrix<double> cd = codes.cast<double>(), xd = x.cast<double>();
+  IndexVector idd(70);
+  st.precision = Precision::bf16_rerank;
+  nearest_code<double>(cpu{2}, cd, xd, idd, nullptr, {}, nullptr, bf);
+  CHECK(st.precision == Precision::fp32);
+  // Where it runs, it says so.
+  nearest_code<float>(cpu{2}, codes, x, idx, nullptr, {}, nullptr, bf);
+  CHECK(st.precision == (bf16_search_supported() ? Precision::bf16_rerank : Precision::fp32));
+  CHECK(idx == ref);
 }

@@ -370,24 +370,82 @@ TEMPLATE_TEST_CASE("tiny and subnormal inputs give defined results", "[reliabili
   }
 }
 
-// Hidden ([.]: ctest does not run it) until nearest_code handles float input
-// whose squared norms or dot products leave float's range; run it with
-//   build/tests/test_reliability "[nearest_code_range]"
-// Today the search returns far codes there (ties of inf or of 0), though the
-// nearest code is well defined. See docs/reliability.md, "Numbers".
+// Float input whose squared norms or dot products leave float's range:
+// nearest_code scales x and the codes by one power of two (exact) into its
+// safe band (docs/reliability.md, "Numbers"); before that fix the search
+// returned far codes here (ties of inf, or of 0 for subnormal input).
+// Checked against brute force in double; also through k-means (its seeding
+// computes distances in double) and the whole quantizer.
 TEST_CASE("float search outside float's squared range still finds the nearest code",
-          "[.][nearest_code_range]") {
+          "[reliability][range][nearest_code_range]") {
   struct Case {
     Index D;
     double scale;
   };
-  const Case cases[] = {{512, 1e18}, {8, 1e19}, {8, 1e-41}};
+  const Case cases[] = {{512, 1e18}, {8, 1e19}, {8, 1e-41}, {300, 1e-41}, {64, 1e-30}, {1, 1e19}};
   for (const auto& c : cases) {
     INFO("D = " << c.D << ", scale " << c.scale);
     const auto cl = clusters<float>(16, 256, c.D, c.scale, 7);
-    IndexVector idx(256);
-    nearest_code<float>(cpu{}, cl.centres, cl.x, idx);
-    check_nearest(cl.centres, cl.x, idx, 1e-4);
+    for (auto precision : {Precision::fp32, Precision::bf16_rerank}) {
+      IndexVector idx(256);
+      Vector<float> dist;
+      SearchStats st;
+      nearest_code<float>(cpu{2}, cl.centres, cl.x, idx, &dist, SearchOptions{}, nullptr,
+                          SearchMode{precision, &st});
+      CHECK(st.scale_exponent != 0);
+      CHECK(check_nearest(cl.centres, cl.x, idx, 1e-4) >= 254);
+      // Distances: the expansion's rounding at the scaled problem, scaled
+      // back (subnormal input: the true distances, ~1e-84, underflow to 0).
+      for (Index i = 0; i < 256; ++i) {
+        const double ref = distances(cl.centres, cl.x.data() + i * c.D)[std::size_t(idx[i])];
+        const double xn2 = cl.x.row(i).template cast<double>().squaredNorm();
+        REQUIRE(std::isfinite(dist[i]));
+        CHECK(std::abs(double(dist[i]) - ref) <= 1e-5 * (ref + xn2) + 1e-45);
+      }
+    }
+    // k-means: the seeding and the Lloyd searches; the final assignment is
+    // the nearest centroid (brute force) and the inertia its distortion.
+    KMeansOptions ko;
+    ko.k = 16;
+    ko.iterations = 3;
+    Rng rng(5);
+    const auto km = kmeans<float>(cpu{2}, cl.x, ko, rng);
+    REQUIRE(km.centroids.allFinite());
+    IndexVector a(256);
+    nearest_code<float>(cpu{1}, km.centroids, cl.x, a);
+    check_nearest(km.centroids, cl.x, a, 1e-4);
+    CHECK((km.counts.array() > 0).all());
+    CHECK(km.empty_splits <= 4);  // 16 well-separated clusters: the seeding finds (nearly) all
+  }
+}
+
+TEST_CASE("inside float's safe range the search is not rescaled (bit-identical results)",
+          "[reliability][range][nearest_code_range]") {
+  // Powers of two of every size inside the band give the same indices, and
+  // distances scaled by the square of the factor, exactly (the arithmetic
+  // only shifts exponents); the band's edges are 2^-40 and 4 D m^2 <= 2^100.
+  const auto base = clusters<float>(16, 300, 37, 1.0, 3);
+  IndexVector ref(300);
+  Vector<float> refd;
+  SearchStats st;
+  const SearchOptions opt;
+  const SearchMode mode{Precision::fp32, &st};
+  nearest_code<float>(cpu{2}, base.centres, base.x, ref, &refd, opt, nullptr, mode);
+  CHECK(st.scale_exponent == 0);
+  for (int e : {-36, -20, 20, 40, 46, 47, 60, -60, -100}) {
+    INFO("scale 2^" << e);
+    const RowMatrix<float> c = base.centres.unaryExpr([e](float v) { return std::ldexp(v, e); });
+    const RowMatrix<float> x = base.x.unaryExpr([e](float v) { return std::ldexp(v, e); });
+    IndexVector idx(300);
+    Vector<float> d;
+    nearest_code<float>(cpu{2}, c, x, idx, &d, opt, nullptr, mode);
+    const double m = double(std::max(detail::max_abs(c), detail::max_abs(x)));
+    const bool in_band = m >= 0x1p-40 && 4.0 * 64 * m * m <= 0x1p100;  // 64 >= D = 37
+    if (in_band) CHECK(st.scale_exponent == 0);
+    if (m * m * 4 * 37 > 0x1p100 || m < 0x1p-40) CHECK(st.scale_exponent != 0);
+    CHECK(idx == ref);
+    for (Index i = 0; i < 300; ++i)
+      CHECK(d[i] == std::ldexp(refd[i], 2 * e));  // the same arithmetic, shifted
   }
 }
 

@@ -11,9 +11,14 @@
 // the empty one and c(1 - delta) for the largest, with a tiny +-delta
 // pattern per dimension, and the count is shared), as FAISS does.
 // Deterministic for a given Rng state, whatever the thread count.
+// Range: the seeding's distances are computed in double, and the Lloyd
+// searches scale the data and centres by a power of two when their entries
+// leave float's safe range (nearest_code.hpp), so entries of ~1e19 or
+// subnormal ones (~1e-41) cluster as they would at unit scale.
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -59,10 +64,13 @@ RowMatrix<T> kmeans_plus_plus(const cpu& be, ConstMatrixRef<T> data, Index k, Rn
   for (Index j = 0; j < k; ++j) {
     c.row(j) = data.row(pick);
     if (j + 1 == k) break;
-    const auto cj = c.row(j);
+    // Distances in double: float squares of large entries (~1e19) overflow
+    // and those of tiny ones (~1e-41) underflow, which would make every
+    // distance inf (or 0) and the draw degenerate.
+    const Eigen::Matrix<double, 1, Eigen::Dynamic> cj = c.row(j).template cast<double>();
 #pragma omp parallel for schedule(static) num_threads(be.num_threads())
     for (Index i = 0; i < n; ++i) {
-      const double d = double((data.row(i) - cj).squaredNorm());
+      const double d = (data.row(i).template cast<double>() - cj).squaredNorm();
       if (d < mind[i]) mind[i] = d;
     }
     double total = 0;
@@ -133,7 +141,9 @@ KMeansResult<T> kmeans(const cpu& be, ConstMatrixRef<T> data, const KMeansOption
   VQKIT_REQUIRE(opt.iterations >= 0, where, "iterations must be >= 0, got ", opt.iterations);
   VQKIT_REQUIRE(opt.min_cluster_fraction >= 0.0 && opt.min_cluster_fraction <= 1.0, where,
                 "min_cluster_fraction must lie in [0, 1], got ", opt.min_cluster_fraction);
-  if (!detail::all_finite<T>(data, &be)) detail::require_finite(data, where, "data");
+  // One scan: finiteness, and the largest |entry| for the search's range scaling.
+  const T data_max = detail::max_abs(data, &be);
+  if (!std::isfinite(data_max)) detail::require_finite(data, where, "data");
 
   KMeansResult<T> r;
   r.centroids = opt.plus_plus ? detail::kmeans_plus_plus<T>(be, data, opt.k, rng)
@@ -145,8 +155,10 @@ KMeansResult<T> kmeans(const cpu& be, ConstMatrixRef<T> data, const KMeansOption
   for (int it = 0;; ++it) {
     // data was checked once above; centres are means of its rows, finite
     // unless the sums overflow, which the search's own check reports.
-    if (!detail::all_finite<T>(r.centroids)) detail::require_finite(r.centroids, "nearest_code", "codes");
-    detail::nearest_code_unchecked<T>(be, r.centroids, data, assign, &dist, SearchOptions{}, nullptr);
+    const T centroids_max = detail::max_abs(r.centroids);
+    if (!std::isfinite(centroids_max)) detail::require_finite(r.centroids, "nearest_code", "codes");
+    detail::nearest_code_ranged<T>(be, r.centroids, data, assign, &dist, SearchOptions{}, nullptr,
+                                   centroids_max, data_max);
     r.inertia = dist.template cast<double>().sum();
     auto st = cluster_stats<T>(be, data, assign, opt.k);
     r.counts = st.counts;

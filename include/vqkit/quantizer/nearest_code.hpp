@@ -22,10 +22,40 @@
 // Threads take row blocks, and each row's result is computed by one thread
 // in an order that depends on neither the thread count nor (for the kernel)
 // the blocking, so results are bit-identical for any number of threads.
+//
+// SearchMode{Precision::bf16_rerank} (float, AVX-512, AVX512-BF16 at run time): dot
+// products with bf16 operands (twice the multiply-add rate), then an exact
+// fp32 re-rank of every code whose approximate score lies within a proven
+// error bound of the row's best: indices and distances equal the fp32
+// search's bit for bit. See nearest_code_bf16.hpp for the bound; elsewhere
+// the option falls back to the fp32 search (SearchStats says which ran).
+//
+// Range: the argmin is unchanged when x and the codes are scaled by the same
+// power of two, and such a scaling is exact. When M = max(max|x|, max|e|) is
+// inside the band 2^-40 <= M, 4 D M^2 <= 2^100 (about M <= 2^49 / sqrt(D))
+// for float (2^-480 and 2^1000 for double), nothing is scaled: results are
+// bit for bit those of the plain search. M comes from the finiteness scan
+// the search does anyway (detail::max_abs), so this costs nothing. Outside
+// it (a squared norm or a dot product could overflow, or squares underflow),
+// detail::nearest_code_ranged searches copies scaled by powers of two, each
+// put at the top of the band (4 D m^2 in (2^96, 2^100] for float: the most
+// room above the underflow threshold for the smaller entries):
+//  - cosine: every row and every code by its own power of two (the scores
+//    x.e / ||e|| and distances do not change, bit for bit);
+//  - L2: rows grouped by magnitude (classes of 2^32 in their largest entry);
+//    a group drops the codes provably farther than another code from all of
+//    its rows (||e_k|| > 2 max ||x_i|| + min ||e_j||) and is scaled by one
+//    power of two (none if it is in range), so one outlier row or code does
+//    not cost the others their precision. L2 distances are scaled back by
+//    2^-2s (rounded once: inf above the type's range, 0 below its subnormals).
+// A group whose entries themselves span more than ~2^100 (e.g. a code at
+// 1e30 that some rows can reach among codes of 1) still loses the smaller
+// ones' low bits, as any single float computation of those distances would.
 // Performance: docs/performance.md.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -36,6 +66,7 @@
 #include <new>
 #include <type_traits>
 #include <vector>
+#include <utility>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -51,10 +82,40 @@ enum class Metric { l2, cosine };
 
 inline const char* to_string(Metric m) { return m == Metric::l2 ? "l2" : "cosine"; }
 
+/// Arithmetic of the float search (a double search is always in double).
+///  fp32:        the fp32 search.
+///  bf16_rerank: bf16 dot products + exact fp32 re-rank of the candidates
+///               within the proven bound: the same indices and distances as
+///               fp32, bit for bit, faster at large D. Needs AVX-512 at build
+///               time and AVX512-BF16 at run time (bf16_search_supported());
+///               otherwise, and wherever the AVX-512 kernel does not apply,
+///               the fp32 search runs instead, without an error.
+enum class Precision { fp32, bf16_rerank };
+
+inline const char* to_string(Precision p) { return p == Precision::fp32 ? "fp32" : "bf16_rerank"; }
+
+/// What one search did (SearchMode::stats).
+struct SearchStats {
+  Precision precision = Precision::fp32;  ///< the arithmetic that ran (bf16_rerank only if it did)
+  /// 0: searched as given; else the input was outside float's safe range and
+  /// was searched scaled by powers of two (see "Range" above): the exponent
+  /// a single scaling of the whole problem would use.
+  int scale_exponent = 0;
+  Index reranked = 0;      ///< bf16_rerank: (row, code) pairs re-ranked exactly in fp32
+};
+
 struct SearchOptions {
   Metric metric = Metric::l2;
   Index row_block = 128;   ///< rows of x per tile (generic path; the AVX-512 kernel blocks itself)
   Index code_block = 512;  ///< codes per tile (generic path)
+};
+
+/// Per-call choices of a search (a trailing argument of nearest_code; not
+/// part of SearchOptions, which a quantizer's checkpoint stores field by
+/// field).
+struct SearchMode {
+  Precision precision = Precision::fp32;  ///< float searches; see Precision
+  SearchStats* stats = nullptr;           ///< if set, receives what the call did
 };
 
 /// The per-code quantity the search needs, cached per codebook version:
@@ -69,40 +130,57 @@ Vector<T> code_norms(const cpu&, ConstMatrixRef<T> codes, Metric metric) {
 
 namespace detail {
 
-/// True when every entry of m is finite: the largest |value| bit pattern
-/// of each row stays below that of infinity (NaN and inf lie at or above it).
-/// An integer max that the compiler vectorises: memory-bound, ~20x faster
-/// than Eigen's allFinite() (which evaluates m - m and compares it with
-/// itself); the searches call require_finite (which names the bad entry)
-/// only when this fails.
-/// With a backend, large matrices are checked by its threads.
-template <class T>
-bool all_finite(const Eigen::Ref<const RowMatrix<T>>& m, const cpu* be = nullptr) {
-  static_assert(sizeof(T) == 4 || sizeof(T) == 8);
-  using U = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
-  constexpr U abs_mask = ~U(0) >> 1;
-  constexpr U inf_bits = std::bit_cast<U>(std::numeric_limits<T>::infinity());
-  const auto row_ok = [&](Index i) {
-    const T* r = m.data() + i * m.outerStride();
-    U mx = 0;
-    for (Index j = 0; j < m.cols(); ++j) {
-      U b;
-      std::memcpy(&b, r + j, sizeof b);
-      mx = std::max(mx, U(b & abs_mask));
-    }
-    return mx < inf_bits;
-  };
-  const Index rows = m.rows();
-  if (be != nullptr && be->num_threads() > 1 && rows * m.cols() >= (Index(1) << 20)) {
-    bool ok = true;
-#pragma omp parallel for schedule(static) num_threads(be->num_threads()) reduction(&& : ok)
-    for (Index i = 0; i < rows; ++i) ok = ok && row_ok(i);
-    return ok;
-  }
-  for (Index i = 0; i < rows; ++i)
-    if (!row_ok(i)) return false;
-  return true;
+/// Tests only: when set, bf16_search_supported() reports false (the
+/// fallback path can be tested on a machine that has AVX512-BF16).
+inline std::atomic<bool> bf16_disabled{false};
+
+}  // namespace detail
+
+#if defined(__AVX512F__) && (defined(__GNUC__) || defined(__clang__))
+#define VQKIT_BF16_KERNEL 1  // the bf16 kernel is compiled (target attribute), used if the CPU has it
+#else
+#define VQKIT_BF16_KERNEL 0
+#endif
+
+/// Whether Precision::bf16_rerank runs here: built with AVX-512 (the fp32
+/// kernel it reproduces) and the CPU has AVX512-BF16 (checked at run time).
+/// When false, a bf16_rerank search runs the fp32 search.
+inline bool bf16_search_supported() {
+#if VQKIT_BF16_KERNEL
+  static const bool cpu_has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return cpu_has && !detail::bf16_disabled.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
 }
+
+namespace detail {
+
+/// The power-of-two exponent s by which a search over D dimensions whose
+/// largest |entry| is m scales its inputs: 0 inside the safe band (see the
+/// file comment), else the s that puts m 2^s at the top of the band, in
+/// [2^(t-1), 2^t) with t = floor((hi - 2 - ceil(log2 D)) / 2): that leaves
+/// the most room below it for the smaller entries of the problem.
+template <class T>
+int range_exponent(T m, Index D) {
+  if (!(m > T(0)) || !std::isfinite(m)) return 0;
+  constexpr int lo = std::is_same_v<T, float> ? -40 : -480;   // m >= 2^lo
+  constexpr int hi = std::is_same_v<T, float> ? 100 : 1000;   // 4 D m^2 <= 2^hi
+  int e = 0;
+  (void)std::frexp(m, &e);  // m in [2^(e-1), 2^e)
+  int log2d = 0;
+  while ((Index(1) << log2d) < D && log2d < 62) ++log2d;  // ceil(log2 D)
+  if (e - 1 >= lo && 2 + log2d + 2 * e <= hi) return 0;
+  return (hi - 2 - log2d) / 2 - e;
+}
+
+}  // namespace detail
+
+namespace detail {
 
 /// The generic search: one Eigen GEMM per (row block x code block) tile into
 /// a per-thread buffer, then a running argmin. Arguments already checked.
@@ -397,6 +475,28 @@ inline Workspace& thread_workspace() {
   return ws;
 }
 
+/// The kernel's per-code score parameter (L2 ||e||^2 / 2, cosine 1/||e||)
+/// and code index, padded to a multiple of NC with the last code. False when
+/// a code's norm is outside the kernel's range (the generic path serves it).
+inline bool kernel_params(ConstMatrixRef<float> codes, const Vector<float>& norms, bool cosine,
+                          std::vector<float>& param, std::vector<std::int32_t>& cidx) {
+  const Index K = codes.rows(), Kp = (K + NC - 1) / NC * NC;
+  param.resize(std::size_t(Kp));
+  cidx.resize(std::size_t(Kp));
+  for (Index k = 0; k < Kp; ++k) {
+    const Index kk = std::min(k, K - 1);
+    const float n = norms[kk];
+    // ||e||^2 >= ~1e36: the generic path. For cosine, 1/||e|| = 0 marks a
+    // zero code, or one whose squared norm overflowed (not zero: generic).
+    if (cosine ? (n > 0.f && n < 1e-18f) || (n == 0.f && k < K && !codes.row(kk).isZero())
+               : !(n < kHuge))
+      return false;
+    param[std::size_t(k)] = cosine ? n : 0.5f * n;
+    cidx[std::size_t(k)] = std::int32_t(kk);
+  }
+  return true;
+}
+
 }  // namespace k512
 
 /// The AVX-512 search (float). Returns false, having written nothing, when
@@ -416,21 +516,10 @@ inline bool nearest_code_avx512(const cpu& be, ConstMatrixRef<float> codes, Cons
     own_norms = code_norms<float>(be, codes, opt.metric);
     norms = &own_norms;
   }
-  // Per-code score parameter and index, padded to a multiple of NC with the last code.
   const Index Kp = (K + NC - 1) / NC * NC;
-  std::vector<float> param(Kp);
-  std::vector<std::int32_t> cidx(Kp);
-  for (Index k = 0; k < Kp; ++k) {
-    const Index kk = std::min(k, K - 1);
-    const float n = (*norms)[kk];
-    // ||e||^2 >= ~1e36: the generic path. For cosine, 1/||e|| = 0 marks a
-    // zero code, or one whose squared norm overflowed (not zero: generic).
-    if (cosine ? (n > 0.f && n < 1e-18f) || (n == 0.f && k < K && !codes.row(kk).isZero())
-               : !(n < kHuge))
-      return false;
-    param[k] = cosine ? n : 0.5f * n;
-    cidx[k] = std::int32_t(kk);
-  }
+  std::vector<float> param;
+  std::vector<std::int32_t> cidx;
+  if (!kernel_params(codes, *norms, cosine, param, cidx)) return false;
   Blocking bk = blk_override ? *blk_override : default_blocking(N, D, Kp, be.num_threads());
   bk.mc = std::max<Index>(MR, (bk.mc + MR - 1) / MR * MR);
   bk.kc = std::clamp<Index>(bk.kc, 1, D);
@@ -513,19 +602,150 @@ inline bool nearest_code_avx512(const cpu& be, ConstMatrixRef<float> codes, Cons
 }
 #endif  // __AVX512F__
 
-/// The search without the argument checks (callers that have checked them,
-/// e.g. k-means over data it validated once): the AVX-512 kernel for float
-/// where it applies, else the generic path.
+
+#if VQKIT_BF16_KERNEL
+/// The bf16 search with exact re-rank (nearest_code_bf16.hpp). Returns false,
+/// having written nothing, where it does not apply (the fp32 search runs).
+inline bool nearest_code_bf16(const cpu& be, ConstMatrixRef<float> codes, ConstMatrixRef<float> x,
+                              Eigen::Ref<IndexVector> indices, Vector<float>* distances,
+                              const SearchOptions& opt, const Vector<float>* norms,
+                              Index* reranked);
+#endif
+
+/// The search without the argument checks and without range scaling
+/// (callers that have checked both, e.g. k-means over data it validated
+/// once): the AVX-512 kernel for float where it applies (bf16 with re-rank
+/// if asked and available), else the generic path.
 template <class T>
 void nearest_code_unchecked(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixRef<T> x,
                             Eigen::Ref<IndexVector> indices, Vector<T>* distances,
-                            const SearchOptions& opt, const Vector<T>* norms) {
+                            const SearchOptions& opt, const Vector<T>* norms,
+                            const SearchMode& mode = {}) {
+  if (mode.stats) {
+    mode.stats->precision = Precision::fp32;
+    mode.stats->reranked = 0;
+  }
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float>) {
+#if VQKIT_BF16_KERNEL
+    if (mode.precision == Precision::bf16_rerank && bf16_search_supported()) {
+      Index reranked = 0;
+      if (nearest_code_bf16(be, codes, x, indices, distances, opt, norms, &reranked)) {
+        if (mode.stats) {
+          mode.stats->precision = Precision::bf16_rerank;
+          mode.stats->reranked = reranked;
+        }
+        return;
+      }
+    }
+#endif
     if (nearest_code_avx512(be, codes, x, indices, distances, opt, norms)) return;
   }
 #endif
   nearest_code_gemm_tiles<T>(be, codes, x, indices, distances, opt, norms);
+}
+
+/// The search with range scaling (see the file comment), arguments checked:
+/// codes_max and x_max are max_abs(codes) and max_abs(x), both finite.
+template <class T>
+void nearest_code_ranged(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixRef<T> x,
+                         Eigen::Ref<IndexVector> indices, Vector<T>* distances,
+                         const SearchOptions& opt, const Vector<T>* norms, T codes_max, T x_max,
+                         const SearchMode& mode = {}) {
+  const Index K = codes.rows(), D = codes.cols(), N = x.rows();
+  const int global = range_exponent<T>(std::max(codes_max, x_max), D);
+  if (mode.stats) mode.stats->scale_exponent = global;
+  if (global == 0) {
+    nearest_code_unchecked<T>(be, codes, x, indices, distances, opt, norms, mode);
+    if (mode.stats) mode.stats->scale_exponent = 0;
+    return;
+  }
+  // Rare: entries out of T's safe range. The caller's norms are for the
+  // unscaled codes: they are recomputed on the scaled copies.
+  const auto row_max = [](const auto& r) {
+    T m = T(0);
+    for (Index j = 0; j < r.size(); ++j) m = std::max(m, T(std::abs(r[j])));
+    return m;
+  };
+  const auto scaled = [](const auto& r, int e) { return r.unaryExpr([e](T v) { return std::ldexp(v, e); }); };
+  if (distances) distances->resize(N);
+  if (opt.metric == Metric::cosine) {
+    // x_i.e_k / ||e_k|| is unchanged, bit for bit, when each row and each
+    // code is scaled by its own power of two: every row and code goes to
+    // the top of the band on its own.
+    RowMatrix<T> xs(N, D), cs(K, D);
+    for (Index i = 0; i < N; ++i) xs.row(i) = scaled(x.row(i), range_exponent<T>(row_max(x.row(i)), D));
+    for (Index k = 0; k < K; ++k)
+      cs.row(k) = scaled(codes.row(k), range_exponent<T>(row_max(codes.row(k)), D));
+    nearest_code_unchecked<T>(be, cs, xs, indices, distances, opt, nullptr, mode);
+    if (mode.stats) mode.stats->scale_exponent = global;
+    return;
+  }
+  // L2: rows are grouped by magnitude (classes of 2^32 in their largest
+  // entry); each group drops the codes that are provably farther than
+  // another code from each of its rows (||e_k|| > 2 max_i ||x_i|| +
+  // min_j ||e_j||: then ||x - e_k|| > ||x|| + ||e_j|| >= ||x - e_j||), and
+  // is searched scaled by its own power of two (none if it is in range), so
+  // an outlier row or code does not take the precision of the others.
+  // Norms in long double (x86: 15-bit exponent), so nothing overflows.
+  std::vector<long double> cn(static_cast<std::size_t>(K));
+  std::vector<T> cm(static_cast<std::size_t>(K));
+  long double min_cn = std::numeric_limits<long double>::infinity();
+  for (Index k = 0; k < K; ++k) {
+    long double s2 = 0;
+    for (Index d = 0; d < D; ++d) s2 += static_cast<long double>(codes(k, d)) * codes(k, d);
+    cn[std::size_t(k)] = std::sqrt(s2);
+    cm[std::size_t(k)] = row_max(codes.row(k));
+    min_cn = std::min(min_cn, cn[std::size_t(k)]);
+  }
+  std::vector<std::pair<int, Index>> order(static_cast<std::size_t>(N));  // (class, row)
+  for (Index i = 0; i < N; ++i) {
+    int e = std::numeric_limits<int>::min();
+    const T m = row_max(x.row(i));
+    if (m > T(0)) {
+      (void)std::frexp(m, &e);
+      e = e >= 0 ? e / 32 : -((-e + 31) / 32);
+    }
+    order[std::size_t(i)] = {e, i};
+  }
+  std::stable_sort(order.begin(), order.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  for (std::size_t g0 = 0; g0 < order.size();) {
+    std::size_t g1 = g0;
+    while (g1 < order.size() && order[g1].first == order[g0].first) ++g1;
+    const Index n = Index(g1 - g0);
+    long double rmax = 0;
+    T xm = T(0);
+    for (std::size_t q = g0; q < g1; ++q) {
+      const auto r = x.row(order[q].second);
+      long double s2 = 0;
+      for (Index d = 0; d < D; ++d) s2 += static_cast<long double>(r[d]) * r[d];
+      rmax = std::max(rmax, std::sqrt(s2));
+      xm = std::max(xm, row_max(r));
+    }
+    const long double reach = (2 * rmax + min_cn) * (1 + 1e-9L);
+    std::vector<Index> keep;
+    T km = T(0);
+    for (Index k = 0; k < K; ++k)
+      if (cn[std::size_t(k)] <= reach) {
+        keep.push_back(k);
+        km = std::max(km, cm[std::size_t(k)]);
+      }
+    const int e = range_exponent<T>(std::max(xm, km), D);
+    RowMatrix<T> xs(n, D), cs(Index(keep.size()), D);
+    for (Index q = 0; q < n; ++q) xs.row(q) = scaled(x.row(order[g0 + std::size_t(q)].second), e);
+    for (Index k = 0; k < cs.rows(); ++k) cs.row(k) = scaled(codes.row(keep[std::size_t(k)]), e);
+    IndexVector idx(n);
+    Vector<T> dist;
+    nearest_code_unchecked<T>(be, cs, xs, idx, distances ? &dist : nullptr, opt, nullptr, mode);
+    for (Index q = 0; q < n; ++q) {
+      const Index i = order[g0 + std::size_t(q)].second;
+      indices[i] = keep[std::size_t(idx[q])];
+      if (distances) (*distances)[i] = std::ldexp(dist[q], -2 * e);
+    }
+    g0 = g1;
+  }
+  if (mode.stats) mode.stats->scale_exponent = global;
 }
 
 }  // namespace detail
@@ -533,18 +753,23 @@ void nearest_code_unchecked(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixR
 /// Nearest code of every row of x. Writes indices (size N); writes distances
 /// (size N) when it is non-null. `norms`, if given, must be
 /// code_norms(codes, metric) for the current codes (saves one pass over the
-/// codebook per call).
+/// codebook per call). `mode` picks the arithmetic (Precision) and where to
+/// report what ran (SearchStats).
 template <class T>
 void nearest_code(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixRef<T> x,
                   Eigen::Ref<IndexVector> indices, Vector<T>* distances = nullptr,
-                  const SearchOptions& opt = {}, const Vector<T>* norms = nullptr) {
+                  const SearchOptions& opt = {}, const Vector<T>* norms = nullptr,
+                  const SearchMode& mode = {}) {
   constexpr const char* where = "nearest_code";
   const Index K = codes.rows(), D = codes.cols(), N = x.rows();
   VQKIT_REQUIRE(K >= 1, where, "the codebook is empty (K=0)");
   VQKIT_REQUIRE(D >= 1, where, "the codebook has dimension D=0");
   detail::require_batch(x, D, where, "x");
-  if (!detail::all_finite<T>(x, &be)) detail::require_finite(x, where, "x");
-  if (!detail::all_finite<T>(codes)) detail::require_finite(codes, where, "codes");
+  // One scan each: finiteness and the largest |entry| (for the range scaling).
+  const T x_max = detail::max_abs(x, &be);
+  if (!std::isfinite(x_max)) detail::require_finite(x, where, "x");
+  const T codes_max = detail::max_abs(codes);
+  if (!std::isfinite(codes_max)) detail::require_finite(codes, where, "codes");
   VQKIT_REQUIRE(indices.size() == N, where, "indices has size ", indices.size(), ", expected N=", N);
   VQKIT_REQUIRE(opt.row_block >= 1 && opt.code_block >= 1, where,
                 "row_block and code_block must be >= 1, got ", opt.row_block, " and ",
@@ -552,7 +777,7 @@ void nearest_code(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixRef<T> x,
   VQKIT_REQUIRE(norms == nullptr || norms->size() == K, where, "norms has size ",
                 norms ? norms->size() : 0, ", expected K=", K);
 
-  detail::nearest_code_unchecked<T>(be, codes, x, indices, distances, opt, norms);
+  detail::nearest_code_ranged<T>(be, codes, x, indices, distances, opt, norms, codes_max, x_max, mode);
 }
 
 template <class T>
@@ -564,11 +789,13 @@ struct SearchResult {
 /// Convenience form: allocates and returns indices and distances.
 template <class T>
 SearchResult<T> nearest_code(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixRef<T> x,
-                             const SearchOptions& opt = {}) {
+                             const SearchOptions& opt = {}, const SearchMode& mode = {}) {
   SearchResult<T> r;
   r.indices.resize(x.rows());
-  nearest_code<T>(be, codes, x, r.indices, &r.distances, opt);
+  nearest_code<T>(be, codes, x, r.indices, &r.distances, opt, nullptr, mode);
   return r;
 }
 
 }  // namespace vqkit
+
+#include "vqkit/quantizer/nearest_code_bf16.hpp"  // bf16_search_supported, detail::nearest_code_bf16
