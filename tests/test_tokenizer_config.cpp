@@ -165,6 +165,14 @@ TEST_CASE("config JSON: unknown keys, wrong types and bad values are rejected by
   CHECK_THROWS_WITH(bad(R"({"codebook_size": 0})"), Contains("codebook_size=0"));
   CHECK_THROWS_WITH(bad(R"({"commitment_weight": -1})"), Contains("commitment_weight=-1"));
   CHECK_THROWS_WITH(bad(R"({"depth_eps": 0})"), Contains("depth_eps=0"));
+  CHECK_THROWS_WITH(bad(R"({"dead_code_policy": "restart"})"),
+                    Contains("dead_code_policy=\"restart\""));
+  CHECK_THROWS_WITH(bad(R"({"dead_code_policy": 1})"), Contains("must be a string"));
+  CHECK_THROWS_WITH(bad(R"({"ema_decay": 1.0})"), Contains("ema_decay=1"));
+  CHECK_THROWS_WITH(bad(R"({"memory_bank_size": 100})"),
+                    Contains("memory_bank_size=100") && Contains("codebook_size=512"));
+  CHECK_THROWS_WITH(bad(R"({"augment_flip": 1.5})"), Contains("augment_flip=1.5"));
+  CHECK_THROWS_WITH(bad(R"({"augment_yaw_deg": 200})"), Contains("augment_yaw_deg=200"));
   CHECK_THROWS_WITH(bad(R"({"roi_x_min": 30})"), Contains("roi_x_min=30") && Contains("roi_x_max"));
   CHECK_THROWS_WITH(bad(R"({"occupancy_pool": 3})"), Contains("occupancy_pool=3"));
   CHECK_THROWS_WITH(bad(R"({"feature_grid_xy": 100})"), Contains("feature_grid_xy=100"));

@@ -65,6 +65,7 @@ class Tokenizer {
     Vector<T> depth;       ///< (R) rendered depth
     RowMatrix<T> logits;   ///< spatial-skip logits (B*dec_h*dec_w, NZ)
     IndexVector codes;     ///< (B*t*t) token indices
+    RowMatrix<T> tokens;   ///< (B*t*t, code_dim) pre-quantization tokens
     bool reinitialized = false, data_initialized = false;
   };
 
@@ -100,6 +101,7 @@ class Tokenizer {
     StepResult r;
     r.metrics = nctx.vq.metrics;
     r.codes = nctx.vq.indices;
+    r.tokens = std::move(out.tokens);
     r.reinitialized = nctx.vq.reinitialized;
     r.data_initialized = nctx.vq.data_initialized;
     r.loss.vq = double(nctx.vq.loss.total);

@@ -19,6 +19,12 @@
 //   code_dim               1024          64           VQ code dimension
 //   codebook_weight        0.25          0.25         weight of ||sg[E(o)] - z||^2
 //   commitment_weight      1.0           1.0          weight of ||sg[z] - E(o)||^2
+//   ema_decay              0.99          0.99         EMA codebook decay (VectorQuantizer)
+//   dead_code_policy       kmeans_reinit kmeans_reinit  "kmeans_reinit", "replace" or "none"
+//   dead_code_after        256           256          steps unused before a code is dead
+//   replace_threshold      0.1           0.1          replace: fraction of the mean EMA size
+//   memory_bank_size       20480         10240        rows of the k-means memory bank (20 K)
+//   usage_window           10            10           steps of the window-usage metric
 //   feature_grid_xy        512           128          feature grid, cells per side
 //   feature_grid_z         64            16           feature grid, z levels
 //   feature_channels       16            16           features per grid point
@@ -38,6 +44,8 @@
 //   total_steps            100000 (ours) 2000 (ours)  end of the cosine decay
 //   grad_clip              0.1           0.1          global gradient-norm clip
 //   batch_size             16            2 (ours)
+//   augment_yaw_deg        0             0            random yaw rotation about the sensor, degrees
+//   augment_flip           0             0            probability of mirroring y
 //   seed                   0             0
 // Derived (not stored): patch grid = voxels / patch_size (256 / 32), token
 // grid = patch grid / 2 (128 / 16); the decoder upsamples back to the patch
@@ -58,6 +66,7 @@
 // builds a new one.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <fstream>
@@ -92,6 +101,12 @@ struct TokenizerConfig {
   Index code_dim = 64;
   double codebook_weight = 0.25;
   double commitment_weight = 1.0;
+  double ema_decay = 0.99;
+  std::string dead_code_policy = "kmeans_reinit";
+  Index dead_code_after = 256;
+  double replace_threshold = 0.1;
+  Index memory_bank_size = 10240;
+  Index usage_window = 10;
   Index feature_grid_xy = 128;
   Index feature_grid_z = 16;
   Index feature_channels = 16;
@@ -113,6 +128,8 @@ struct TokenizerConfig {
   Index total_steps = 2000;
   double grad_clip = 0.1;
   Index batch_size = 2;
+  double augment_yaw_deg = 0.0;
+  double augment_flip = 0.0;
   std::uint64_t seed = 0;
 
   static TokenizerConfig small() { return TokenizerConfig{}; }
@@ -124,6 +141,7 @@ struct TokenizerConfig {
     c.voxels_z = 64;
     c.codebook_size = 1024;
     c.code_dim = 1024;
+    c.memory_bank_size = 20480;
     c.feature_grid_xy = 512;
     c.feature_grid_z = 64;
     c.occupancy_pool = 8;
@@ -159,6 +177,17 @@ struct TokenizerConfig {
     q.dim = code_dim;
     q.loss.codebook_weight = codebook_weight;
     q.loss.commitment_weight = commitment_weight;
+    q.ema.decay = ema_decay;
+    q.dead.policy = dead_code_policy == "replace"  ? DeadCodePolicy::replace
+                    : dead_code_policy == "none" ? DeadCodePolicy::none
+                                                 : DeadCodePolicy::kmeans_reinit;
+    q.dead.dead_after = dead_code_after;
+    q.dead.check_every = std::min<std::int64_t>(q.dead.check_every, dead_code_after);
+    q.dead.min_steps = std::min<std::int64_t>(q.dead.min_steps, dead_code_after);
+    q.dead.replace_threshold = replace_threshold;
+    q.memory_bank_size = memory_bank_size;
+    q.init_min_rows = std::min(memory_bank_size, 2 * codebook_size);
+    q.usage_window = usage_window;
     q.seed = seed;
     return q;
   }
@@ -231,21 +260,38 @@ struct TokenizerConfig {
     VQKIT_REQUIRE(warmup_steps <= total_steps, w, "warmup_steps=", warmup_steps,
                   " must be <= total_steps=", total_steps);
     pos("grad_clip", grad_clip);
+    VQKIT_REQUIRE(std::isfinite(ema_decay) && ema_decay > 0 && ema_decay < 1, w, "ema_decay=",
+                  ema_decay, " must lie in (0, 1)");
+    VQKIT_REQUIRE(dead_code_policy == "kmeans_reinit" || dead_code_policy == "replace" ||
+                      dead_code_policy == "none",
+                  w, "dead_code_policy=\"", dead_code_policy,
+                  "\" must be \"kmeans_reinit\", \"replace\" or \"none\"");
+    nonneg("replace_threshold", replace_threshold);
+    VQKIT_REQUIRE(memory_bank_size >= codebook_size, w, "memory_bank_size=", memory_bank_size,
+                  " must be >= codebook_size=", codebook_size, " (k-means over the bank)");
+    VQKIT_REQUIRE(std::isfinite(augment_yaw_deg) && augment_yaw_deg >= 0 && augment_yaw_deg <= 180,
+                  w, "augment_yaw_deg=", augment_yaw_deg, " must lie in [0, 180]");
+    VQKIT_REQUIRE(std::isfinite(augment_flip) && augment_flip >= 0 && augment_flip <= 1, w,
+                  "augment_flip=", augment_flip, " must lie in [0, 1]");
   }
 
   // ---- JSON ----
-  enum class Kind { real, integer, unsigned64 };
+  enum class Kind { real, integer, unsigned64, text };
   struct Field {
     const char* name;
     Kind kind;
     double TokenizerConfig::*real = nullptr;
     Index TokenizerConfig::*integer = nullptr;
     std::uint64_t TokenizerConfig::*unsigned64 = nullptr;
+    std::string TokenizerConfig::*text = nullptr;
   };
   static const std::vector<Field>& fields() {
     using C = TokenizerConfig;
     const auto R = [](const char* n, double C::*p) { return Field{n, Kind::real, p, nullptr, nullptr}; };
     const auto I = [](const char* n, Index C::*p) { return Field{n, Kind::integer, nullptr, p, nullptr}; };
+    const auto S = [](const char* n, std::string C::*p) {
+      return Field{n, Kind::text, nullptr, nullptr, nullptr, p};
+    };
     static const std::vector<Field> list = {
         R("roi_x_min", &C::roi_x_min), R("roi_x_max", &C::roi_x_max),
         R("roi_y_min", &C::roi_y_min), R("roi_y_max", &C::roi_y_max),
@@ -257,7 +303,11 @@ struct TokenizerConfig {
         I("stage1_depth", &C::stage1_depth), I("stage2_depth", &C::stage2_depth),
         I("merged_dim", &C::merged_dim), I("codebook_size", &C::codebook_size),
         I("code_dim", &C::code_dim), R("codebook_weight", &C::codebook_weight),
-        R("commitment_weight", &C::commitment_weight), I("feature_grid_xy", &C::feature_grid_xy),
+        R("commitment_weight", &C::commitment_weight), R("ema_decay", &C::ema_decay),
+        S("dead_code_policy", &C::dead_code_policy), I("dead_code_after", &C::dead_code_after),
+        R("replace_threshold", &C::replace_threshold),
+        I("memory_bank_size", &C::memory_bank_size), I("usage_window", &C::usage_window),
+        I("feature_grid_xy", &C::feature_grid_xy),
         I("feature_grid_z", &C::feature_grid_z), I("feature_channels", &C::feature_channels),
         I("render_mlp_dim", &C::render_mlp_dim), I("occupancy_pool", &C::occupancy_pool),
         I("rays_per_frame", &C::rays_per_frame), I("samples_per_ray", &C::samples_per_ray),
@@ -267,6 +317,7 @@ struct TokenizerConfig {
         R("beta2", &C::beta2), R("weight_decay", &C::weight_decay),
         I("warmup_steps", &C::warmup_steps), I("total_steps", &C::total_steps),
         R("grad_clip", &C::grad_clip), I("batch_size", &C::batch_size),
+        R("augment_yaw_deg", &C::augment_yaw_deg), R("augment_flip", &C::augment_flip),
         Field{"seed", Kind::unsigned64, nullptr, nullptr, &C::seed}};
     return list;
   }
@@ -278,6 +329,7 @@ struct TokenizerConfig {
         case Kind::real: j[f.name] = this->*(f.real); break;
         case Kind::integer: j[f.name] = static_cast<std::int64_t>(this->*(f.integer)); break;
         case Kind::unsigned64: j[f.name] = this->*(f.unsigned64); break;
+        case Kind::text: j[f.name] = this->*(f.text); break;
       }
     }
     return j;
@@ -325,6 +377,10 @@ struct TokenizerConfig {
           VQKIT_REQUIRE(v.is_number_unsigned() || (v.is_number_integer() && v.template get<std::int64_t>() >= 0),
                         w, key, "=", v.dump(), " must be a non-negative integer");
           c.*(f->unsigned64) = v.template get<std::uint64_t>();
+          break;
+        case Kind::text:
+          VQKIT_REQUIRE(v.is_string(), w, key, "=", v.dump(), " must be a string");
+          c.*(f->text) = v.template get<std::string>();
           break;
       }
     }
