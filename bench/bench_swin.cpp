@@ -53,7 +53,7 @@ void bm_swin_block(benchmark::State& st, SwinShape s, int threads) {
   const RowMatrix<float> g = vb::gaussian(shape.rows(), s.dim, 3);
   RowMatrix<float> y, dx;
   for (auto _ : st) {
-    const auto ctx = block.forward(x, shape, y);
+    const auto ctx = block.forward(x, y, shape);
     block.backward(ctx, g, &dx);
     benchmark::DoNotOptimize(dx.data());
     benchmark::ClobberMemory();

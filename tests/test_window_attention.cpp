@@ -53,9 +53,9 @@ struct OnMap {
 
   Context forward(ConstMatrixRef<double> x, RowMatrix<double>& y) const {
     if constexpr (std::is_same_v<L, Attn>)
-      return layer.forward(x, shape, shift, y);
+      return layer.forward(x, y, shape, shift);
     else
-      return layer.forward(x, shape, y);
+      return layer.forward(x, y, shape);
   }
   void backward(const Context& c, ConstMatrixRef<double> dy, RowMatrix<double>* dx) {
     layer.backward(c, dy, dx);
@@ -171,7 +171,7 @@ TEST_CASE("window attention: gradients accumulate, zero_grad clears them", "[win
   const MapShape shape{1, 4, 6};
   const RowMatrix<double> x = randn(shape.rows(), 4, rng), g = randn(shape.rows(), 4, rng);
   RowMatrix<double> y, dx;
-  const auto ctx = attn.forward(x, shape, 1, y);
+  const auto ctx = attn.forward(x, y, shape, 1);
   attn.backward(ctx, g, &dx);
   std::vector<RowMatrix<double>> once;
   for (auto& p : attn.parameters()) once.push_back(*p.grad);
@@ -206,7 +206,7 @@ TEST_CASE("window attention: a token sees exactly its window, without wrap-aroun
     randomize(attn, rng);
     const RowMatrix<double> x = randn(s.rows(), 4, rng);
     RowMatrix<double> y0, y1;
-    attn.forward(x, s, sh, y0);
+    attn.forward(x, y0, s, sh);
     auto coords = [&](Index r, Index& b, Index& yy, Index& xx) {
       b = r / s.cells();
       yy = (r / s.width) % s.height;
@@ -217,7 +217,7 @@ TEST_CASE("window attention: a token sees exactly its window, without wrap-aroun
     for (Index q = 0; q < s.rows(); ++q) {
       RowMatrix<double> xq = x;
       xq.row(q).array() += 1.0;
-      attn.forward(xq, s, sh, y1);
+      attn.forward(xq, y1, s, sh);
       Index bq, yq, xq_;
       coords(q, bq, yq, xq_);
       const Index Yq = wrap(yq - sh, s.height), Xq = wrap(xq_ - sh, s.width);
@@ -249,13 +249,13 @@ TEST_CASE("window attention: forward and gradients match PyTorch", "[window_atte
     Attn attn(c[3], c[4], c[5], rng);
     load(attn.parameters(name + "."));
     RowMatrix<double> y;
-    const auto ctx = attn.forward(x, shape, c[6], y);
+    const auto ctx = attn.forward(x, y, shape, c[6]);
     CHECK(rel_err(y, yref) < 1e-12);
 
     vqkit::WindowAttention<float> attnf(c[3], c[4], c[5], rng);
     load(attnf.parameters(name + "."));
     RowMatrix<float> yf;
-    attnf.forward(x.cast<float>(), shape, c[6], yf);
+    attnf.forward(x.cast<float>(), yf, shape, c[6]);
     CHECK(rel_err(yf.cast<double>(), yref) < 1e-5);
 
     if (f.contains(name + ".g")) check_fixture_grads(attn, ctx, name);
@@ -308,14 +308,14 @@ TEST_CASE("swin block and stage: forward and gradients match PyTorch",
     Block block(c[3], c[4], c[5], c[6], rng, c[7]);
     load(block.parameters(name + "."));
     RowMatrix<double> y;
-    const auto ctx = block.forward(x, shape, y);
+    const auto ctx = block.forward(x, y, shape);
     CHECK(ctx.shift == (std::min(shape.height, shape.width) <= c[5] ? 0 : c[6]));
     CHECK(rel_err(y, yref) < 1e-12);
 
     vqkit::SwinBlock<float> blockf(c[3], c[4], c[5], c[6], rng, c[7]);
     load(blockf.parameters(name + "."));
     RowMatrix<float> yf;
-    blockf.forward(x.cast<float>(), shape, yf);
+    blockf.forward(x.cast<float>(), yf, shape);
     CHECK(rel_err(yf.cast<double>(), yref) < 1e-5);
     if (f.contains(name + ".g")) check_fixture_grads(block, ctx, name);
   }
@@ -327,7 +327,7 @@ TEST_CASE("swin block and stage: forward and gradients match PyTorch",
     Stage stage(c[3], c[6], c[4], c[5], rng, c[7]);
     load(stage.parameters(name + "."));
     RowMatrix<double> y;
-    const auto ctx = stage.forward(f.matrix<double>(name + ".x"), shape, y);
+    const auto ctx = stage.forward(f.matrix<double>(name + ".x"), y, shape);
     CHECK(rel_err(y, f.matrix<double>(name + ".y")) < 1e-12);
     check_fixture_grads(stage, ctx, name);
   }
@@ -374,19 +374,19 @@ TEST_CASE("window attention: bad configurations and inputs throw, changing nothi
   const MapShape shape{1, 6, 3};
   const RowMatrix<double> x = randn(shape.rows(), 4, rng);
   RowMatrix<double> y;
-  const auto ctx = attn.forward(x, shape, 1, y);
+  const auto ctx = attn.forward(x, y, shape, 1);
   attn.backward(ctx, randn(shape.rows(), 4, rng), nullptr);  // nonzero grads
   const auto before = snapshot(attn);
   const RowMatrix<double> sentinel = RowMatrix<double>::Constant(2, 2, 42.0);
 
   RowMatrix<double> out = sentinel;
-  CHECK_THROWS_WITH(attn.forward(randn(24, 4, rng), {1, 6, 4}, 1, out),
+  CHECK_THROWS_WITH(attn.forward(randn(24, 4, rng), out, {1, 6, 4}, 1),
                     Contains("window=3") && Contains("width=4"));
-  CHECK_THROWS_WITH(attn.forward(x, {1, 3, 3}, 1, out), Contains("rows"));
-  CHECK_THROWS_WITH(attn.forward(randn(18, 5, rng), shape, 1, out), Contains("dim=4"));
-  CHECK_THROWS_WITH(attn.forward(x, shape, 3, out), Contains("shift=3"));
-  CHECK_THROWS_WITH(attn.forward(x, shape, -1, out), Contains("shift=-1"));
-  CHECK_THROWS_WITH(attn.forward(x, {0, 6, 3}, 1, out), Contains("batch=0"));
+  CHECK_THROWS_WITH(attn.forward(x, out, {1, 3, 3}, 1), Contains("rows"));
+  CHECK_THROWS_WITH(attn.forward(randn(18, 5, rng), out, shape, 1), Contains("dim=4"));
+  CHECK_THROWS_WITH(attn.forward(x, out, shape, 3), Contains("shift=3"));
+  CHECK_THROWS_WITH(attn.forward(x, out, shape, -1), Contains("shift=-1"));
+  CHECK_THROWS_WITH(attn.forward(x, out, {0, 6, 3}, 1), Contains("batch=0"));
   CHECK(out == sentinel);
 
   RowMatrix<double> dx = sentinel;
@@ -400,7 +400,7 @@ TEST_CASE("window attention: bad configurations and inputs throw, changing nothi
 
   // A replaced tensor of the wrong shape is refused before anything is written.
   attn.relative_position_bias_table.resize(24, 2);
-  CHECK_THROWS_WITH(attn.forward(x, shape, 1, out), Contains("relative_position_bias_table"));
+  CHECK_THROWS_WITH(attn.forward(x, out, shape, 1), Contains("relative_position_bias_table"));
   CHECK_THROWS_WITH(attn.backward(ctx, randn(18, 4, rng), &dx),
                     Contains("relative_position_bias_table"));
   CHECK(out == sentinel);
@@ -422,15 +422,15 @@ TEST_CASE("swin block and stage: bad configurations and inputs throw, changing n
   const MapShape shape{1, 4, 6};
   const RowMatrix<double> x = randn(shape.rows(), 4, rng);
   RowMatrix<double> y;
-  const auto ctx = stage.forward(x, shape, y);
+  const auto ctx = stage.forward(x, y, shape);
   stage.backward(ctx, randn(shape.rows(), 4, rng), nullptr);
   const auto before = snapshot(stage);
   const RowMatrix<double> sentinel = RowMatrix<double>::Constant(2, 2, -3.0);
 
   RowMatrix<double> out = sentinel, dx = sentinel;
-  CHECK_THROWS_WITH(stage.forward(randn(15, 4, rng), {1, 3, 5}, out), Contains("window=2"));
-  CHECK_THROWS_WITH(stage.forward(randn(24, 3, rng), shape, out), Contains("dim=4"));
-  CHECK_THROWS_WITH(stage.blocks[1].forward(x, {1, 4, 5}, out), Contains("rows"));
+  CHECK_THROWS_WITH(stage.forward(randn(15, 4, rng), out, {1, 3, 5}), Contains("window=2"));
+  CHECK_THROWS_WITH(stage.forward(randn(24, 3, rng), out, shape), Contains("dim=4"));
+  CHECK_THROWS_WITH(stage.blocks[1].forward(x, out, {1, 4, 5}), Contains("rows"));
   CHECK_THROWS_WITH(stage.backward(ctx, randn(24, 5, rng), &dx), Contains("dy is 24x5"));
   CHECK_THROWS_WITH(stage.blocks[0].backward(ctx.blocks[0], randn(23, 4, rng), &dx),
                     Contains("dy is 23x4"));
@@ -472,14 +472,14 @@ TEST_CASE("window attention and swin block: 1 and 2 threads give identical bits"
     const vqkit::cpu be{threads};
     if (block) {
       vqkit::SwinBlock<float> l(C, heads, w, w / 2, rng, 4, be);
-      const auto ctx = l.forward(x, shape, o.y);
+      const auto ctx = l.forward(x, o.y, shape);
       l.backward(ctx, g, &o.dx);
       for (auto& p : l.parameters()) o.grads.push_back(*p.grad);
     } else {
       vqkit::WindowAttention<float> l(C, heads, w, rng, be);
       for (auto& p : l.parameters())  // a visible bias table
         for (Index i = 0; i < p.value->size(); ++i) p.value->data()[i] += 0.3f * float(rng.normal());
-      const auto ctx = l.forward(x, shape, w / 2, o.y);
+      const auto ctx = l.forward(x, o.y, shape, w / 2);
       l.backward(ctx, g, &o.dx);
       for (auto& p : l.parameters()) o.grads.push_back(*p.grad);
     }

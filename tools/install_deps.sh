@@ -7,6 +7,8 @@ packages=(build-essential cmake libeigen3-dev nlohmann-json3-dev catch2 libbench
 packages+=(clang libclang-rt-14-dev)
 # Data-parallel training over MPI (tests/test_distributed_mpi.cpp, ctest -L mpi).
 packages+=(libopenmpi-dev openmpi-bin)
+# PNG curves of examples/train_tokenizer (it skips the plots without gnuplot).
+packages+=(gnuplot-nox)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -99,7 +99,7 @@ class SwinBlock {
   }
 
   /// x: (N, C), N = shape.rows(). Resizes and fills y (N, C); y may be x.
-  Context forward(ConstMatrixRef<T> x, const MapShape& shape, RowMatrix<T>& y) const {
+  Context forward(ConstMatrixRef<T> x, RowMatrix<T>& y, const MapShape& shape) const {
     const char* where = "SwinBlock::forward";
     check_state(where);
     attn.check_input(x.rows(), x.cols(), shape, 0, where);
@@ -108,7 +108,7 @@ class SwinBlock {
     ctx.shift = shift_for(shape);
     RowMatrix<T> h, x1;
     ctx.norm1 = norm1.forward(x, h);  // keeps a copy of x: y may alias x
-    ctx.attn = attn.forward(h, shape, ctx.shift, x1);
+    ctx.attn = attn.forward(h, x1, shape, ctx.shift);
     x1 += ctx.norm1.input;
     ctx.norm2 = norm2.forward(x1, h);
     const int threads = backend_.num_threads();
@@ -272,16 +272,16 @@ class SwinStage {
   }
 
   /// x: (N, C), N = shape.rows(). Resizes and fills y (N, C); y may be x.
-  Context forward(ConstMatrixRef<T> x, const MapShape& shape, RowMatrix<T>& y) const {
+  Context forward(ConstMatrixRef<T> x, RowMatrix<T>& y, const MapShape& shape) const {
     const char* where = "SwinStage::forward";
     for (const auto& b : blocks) b.check_state(where);
     blocks.front().attn.check_input(x.rows(), x.cols(), shape, 0, where);
     Context ctx;
     ctx.blocks.reserve(blocks.size());
     RowMatrix<T> cur;
-    ctx.blocks.push_back(blocks.front().forward(x, shape, cur));
+    ctx.blocks.push_back(blocks.front().forward(x, cur, shape));
     for (std::size_t i = 1; i < blocks.size(); ++i)
-      ctx.blocks.push_back(blocks[i].forward(cur, shape, cur));
+      ctx.blocks.push_back(blocks[i].forward(cur, cur, shape));
     y = std::move(cur);
     return ctx;
   }

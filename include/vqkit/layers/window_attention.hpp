@@ -245,7 +245,7 @@ class WindowAttention {
 
   /// x: (N, C) with N = shape.rows(); shift in [0, window). Resizes and fills
   /// y (N, C); y may be the same matrix as x.
-  Context forward(ConstMatrixRef<T> x, const MapShape& shape, Index shift, RowMatrix<T>& y) const {
+  Context forward(ConstMatrixRef<T> x, RowMatrix<T>& y, const MapShape& shape, Index shift) const {
     const char* where = "WindowAttention::forward";
     check_state(where);
     check_input(x.rows(), x.cols(), shape, shift, where);

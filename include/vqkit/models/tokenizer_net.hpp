@@ -196,11 +196,11 @@ class TokenizerNet {
     c.patch_embed = patch_embed.forward(bev, x, bev_shape(B));
     c.pos_embed = pos_embed.forward(x, x, dec_shape(B));
     record(out, "encoder.patch_embed", x);
-    c.enc1 = enc1.forward(x, dec_shape(B), x);
+    c.enc1 = enc1.forward(x, x, dec_shape(B));
     record(out, "encoder.stage1", x);
     c.merge = merge.forward(x, x, dec_shape(B));
     record(out, "encoder.merge", x);
-    c.enc2 = enc2.forward(x, token_shape(B), x);
+    c.enc2 = enc2.forward(x, x, token_shape(B));
     record(out, "encoder.stage2", x);
     // Quantization.
     c.pre_ln = pre_ln.forward(x, x);
@@ -214,11 +214,11 @@ class TokenizerNet {
     c.post_fc = post_fc.forward(q, x);
     record(out, "post_vq", x);
     // Decoder.
-    c.dec2 = dec2.forward(x, token_shape(B), x);
+    c.dec2 = dec2.forward(x, x, token_shape(B));
     record(out, "decoder.stage2", x);
     c.up = up.forward(x, x, token_shape(B));
     record(out, "decoder.upsample", x);
-    c.dec1 = dec1.forward(x, dec_shape(B), x);
+    c.dec1 = dec1.forward(x, x, dec_shape(B));
     record(out, "decoder.stage1", x);
     // Heads.
     RowMatrix<T> g;
