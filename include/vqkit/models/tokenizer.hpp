@@ -6,8 +6,8 @@
 // One training step on a batch of frames (each frame (P, >=3) in the sensor
 // frame, metres):
 //   vox      = voxelize(frames)                         sparse, never dense
-//   occ      = coarse_occupancy(vox, patch)             real occupancy, one cell per
-//                                                       decoder token and z level
+//   occ      = coarse_occupancy(vox, occupancy_pool)    real occupancy (small config: one
+//                                                       cell per decoder token and z level)
 //   rays     = rays_per_frame rays subsampled from the frames' points (inside the ROI)
 //   h        = samples_per_ray depths along each ray, stratified over the ray's
 //              OCCUPIED coarse cells (spatial skipping; real occupancy in training,
@@ -17,7 +17,7 @@
 //   alpha    = sigmoid(MLP(f))                          (R, S)
 //   w, D     = render(alpha, h)                         w_i = a_i prod_{j<i}(1-a_j), D = sum w_i h_i
 //   loss     = depth_weight * L1(D, D_gt)
-//            + surface_weight * mean_r sum_i 1(|h_i - D_gt| > eps) w_i^2
+//            + sharpness_weight * mean_r sum_i 1(|h_i - D_gt| > depth_eps) w_i^2
 //            + occupancy_weight * BCE(logits, occ)
 //            + VQ loss (codebook_weight, commitment_weight: VectorQuantizerConfig::loss;
 //              under EMA only the commitment term has a gradient, to the encoder)
@@ -63,7 +63,7 @@ class Tokenizer {
     Losses loss;
     CodebookMetrics metrics;
     Vector<T> depth;       ///< (R) rendered depth
-    RowMatrix<T> logits;   ///< spatial-skip logits (B*dec_h*dec_w, NZ)
+    RowMatrix<T> logits;   ///< spatial-skip logits (B*occupancy_y*occupancy_x, voxels_z)
     IndexVector codes;     ///< (B*t*t) token indices
     RowMatrix<T> tokens;   ///< (B*t*t, code_dim) pre-quantization tokens
     bool reinitialized = false, data_initialized = false;
@@ -146,6 +146,11 @@ class Tokenizer {
   Reconstruction reconstruct(const std::vector<RowMatrix<T>>& frames, Rng& rng,
                              Index rays_per_frame = 0) {
     const bool was_training = net.vq.is_training();
+    struct Restore {  // train mode comes back even when a step below throws
+      TokenizerNet<T, Backend>& n;
+      bool on;
+      ~Restore() { n.train(on); }
+    } restore{net, was_training};
     net.eval();
     Batch b = make_batch(frames, rng, rays_per_frame);
     typename TokenizerNet<T, Backend>::Output out;
@@ -162,7 +167,6 @@ class Tokenizer {
     rec.rays = std::move(b.rays);
     rec.codes = nctx.vq.indices;
     rec.metrics = nctx.vq.metrics;
-    net.train(was_training);
     return rec;
   }
 

@@ -110,7 +110,7 @@ class TokenizerNet {
   struct Output {
     std::vector<ModuleShape> trace;  ///< every module's output shape, in order
     RowMatrix<T> grid;    ///< (B*NY*NX, NZ*Cf) feature grid, MapShape{B, NY, NX}, cols (z, c)
-    RowMatrix<T> logits;  ///< (B*dec_h*dec_w, NZ) spatial-skip occupancy logits
+    RowMatrix<T> logits;  ///< (B*occupancy_y*occupancy_x, voxels_z) spatial-skip logits
     RowMatrix<T> tokens;  ///< (B*t*t, code_dim) pre-quantization tokens
   };
 
@@ -238,10 +238,20 @@ class TokenizerNet {
     return c;
   }
 
-  /// dgrid (B*NY*NX, NZ*Cf) and dlogits (B*dec_h*dec_w, NZ); accumulates every
-  /// parameter gradient (the quantizer adds its commitment gradient).
+  /// dgrid (B*F*F, feature_grid_z*feature_channels) and dlogits like
+  /// Output::logits; accumulates every parameter gradient (the quantizer adds
+  /// its commitment gradient). Both shapes are checked before any gradient
+  /// is touched.
   void backward(const Context& c, ConstMatrixRef<T> dgrid, ConstMatrixRef<T> dlogits) {
+    const char* where = "TokenizerNet::backward";
     const Index B = c.input.batch;
+    VQKIT_REQUIRE(dgrid.rows() == grid_shape(B).rows() &&
+                      dgrid.cols() == config.feature_grid_z * config.feature_channels,
+                  where, "dgrid is ", dgrid.rows(), "x", dgrid.cols(), ", expected ",
+                  grid_shape(B).rows(), "x", config.feature_grid_z * config.feature_channels);
+    VQKIT_REQUIRE(dlogits.rows() == occupancy_shape(B).rows() && dlogits.cols() == config.voxels_z,
+                  where, "dlogits is ", dlogits.rows(), "x", dlogits.cols(), ", expected ",
+                  occupancy_shape(B).rows(), "x", config.voxels_z);
     RowMatrix<T> g = space_to_depth<T>(dgrid, grid_shape(B), config.feature_upsample(),
                                        SubpixelOrder::row_major);
     RowMatrix<T> dx, d2;

@@ -169,8 +169,10 @@ struct TokenizerConfig {
             voxels_x,  voxels_y,  voxels_z};
   }
 
-  /// The quantizer's config: K, D and the loss weights from here, the rest
-  /// (EMA, dead codes, init) at VectorQuantizerConfig's defaults; seed = seed.
+  /// The quantizer's config: K, D, the loss weights, EMA decay, dead-code
+  /// policy (check period and warm-up capped at dead_code_after), memory bank
+  /// (the k-means init waits for min(bank, 2 K) rows) and usage window from
+  /// here; the rest at VectorQuantizerConfig's defaults; seed = seed.
   VectorQuantizerConfig quantizer_config() const {
     VectorQuantizerConfig q;
     q.codebook_size = codebook_size;
@@ -178,9 +180,7 @@ struct TokenizerConfig {
     q.loss.codebook_weight = codebook_weight;
     q.loss.commitment_weight = commitment_weight;
     q.ema.decay = ema_decay;
-    q.dead.policy = dead_code_policy == "replace"  ? DeadCodePolicy::replace
-                    : dead_code_policy == "none" ? DeadCodePolicy::none
-                                                 : DeadCodePolicy::kmeans_reinit;
+    q.dead.policy = parse_dead_code_policy(dead_code_policy);
     q.dead.dead_after = dead_code_after;
     q.dead.check_every = std::min<std::int64_t>(q.dead.check_every, dead_code_after);
     q.dead.min_steps = std::min<std::int64_t>(q.dead.min_steps, dead_code_after);
