@@ -170,7 +170,7 @@ TEST_CASE("config JSON: unknown keys, wrong types and bad values are rejected by
   CHECK_THROWS_WITH(bad(R"({"dead_code_policy": 1})"), Contains("must be a string"));
   CHECK_THROWS_WITH(bad(R"({"ema_decay": 1.0})"), Contains("ema_decay=1"));
   CHECK_THROWS_WITH(bad(R"({"memory_bank_size": 100})"),
-                    Contains("memory_bank_size=100") && Contains("codebook_size=512"));
+                    Contains("memory_bank_size=100") && Contains("codebook_size=256"));
   CHECK_THROWS_WITH(bad(R"({"augment_flip": 1.5})"), Contains("augment_flip=1.5"));
   CHECK_THROWS_WITH(bad(R"({"augment_yaw_deg": 200})"), Contains("augment_yaw_deg=200"));
   CHECK_THROWS_WITH(bad(R"({"roi_x_min": 30})"), Contains("roi_x_min=30") && Contains("roi_x_max"));

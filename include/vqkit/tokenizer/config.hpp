@@ -15,15 +15,16 @@
 //   stage1_depth           2             2            Swin blocks before merging
 //   stage2_depth           6             6            Swin blocks after merging
 //   merged_dim             256           256          width after patch merging
-//   codebook_size          1024          512          K
+//   codebook_size          1024          256 (*)      K
 //   code_dim               1024          64           VQ code dimension
 //   codebook_weight        0.25          0.25         weight of ||sg[E(o)] - z||^2
 //   commitment_weight      1.0           1.0          weight of ||sg[z] - E(o)||^2
-//   ema_decay              0.99          0.99         EMA codebook decay (VectorQuantizer)
-//   dead_code_policy       kmeans_reinit kmeans_reinit  "kmeans_reinit", "replace" or "none"
+//   ema_decay              0.99          0.8 (*)      EMA codebook decay (VectorQuantizer)
+//   dead_code_policy       kmeans_reinit replace (*)  "kmeans_reinit", "replace" or "none"
 //   dead_code_after        256           256          steps unused before a code is dead
-//   replace_threshold      0.1           0.1          replace: fraction of the mean EMA size
-//   memory_bank_size       20480         10240        rows of the k-means memory bank (20 K)
+//   replace_threshold      0.1           0.5 (*)      replace: fraction of the mean EMA size
+//   memory_bank_size       20480         512 (*)      rows of the memory bank (paper: 20 K;
+//                                                       small: one step's tokens)
 //   usage_window           10            10           steps of the window-usage metric
 //   feature_grid_xy        512           128          feature grid, cells per side
 //   feature_grid_z         64            16           feature grid, z levels
@@ -37,15 +38,18 @@
 //   depth_weight           1             1            L1 depth term
 //   sharpness_weight       1             1            sum 1(|h_i - D| > eps) w_i^2 term
 //   occupancy_weight       1             1            BCE of the spatial-skip head
-//   lr                     1e-3          1e-3         AdamW
+//   lr                     1e-3          3e-4 (*)     AdamW
 //   beta1, beta2           0.9, 0.95     0.9, 0.95    (beta1 ours: PyTorch's default)
 //   weight_decay           1e-4          1e-4         none on biases/norms/embeddings
-//   warmup_steps           4000          100 (ours)   linear warm-up, then cosine decay
+//   warmup_steps           4000          20 (*)       linear warm-up, then cosine decay
 //   total_steps            100000 (ours) 2000 (ours)  end of the cosine decay
 //   grad_clip              0.1           0.1          global gradient-norm clip
 //   batch_size             16            2 (ours)
-//   augment_yaw_deg        0             0            random yaw rotation about the sensor, degrees
-//   augment_flip           0             0            probability of mirroring y
+//   augment_yaw_deg        0             180 (*)      random yaw rotation about the sensor, degrees
+//   augment_flip           0             0.5 (*)      probability of mirroring y
+// (*) tuned for the 15-minute CPU run on 6 KITTI frames (docs/tokenizer.md,
+// "Choosing the small config"): with the paper's quantizer settings the
+// codebook of this short, small-data run collapses to < 10% usage.
 //   seed                   0             0
 // Derived (not stored): patch grid = voxels / patch_size (256 / 32), token
 // grid = patch grid / 2 (128 / 16); the decoder upsamples back to the patch
@@ -97,15 +101,15 @@ struct TokenizerConfig {
   Index stage1_depth = 2;
   Index stage2_depth = 6;
   Index merged_dim = 256;
-  Index codebook_size = 512;
+  Index codebook_size = 256;
   Index code_dim = 64;
   double codebook_weight = 0.25;
   double commitment_weight = 1.0;
-  double ema_decay = 0.99;
-  std::string dead_code_policy = "kmeans_reinit";
+  double ema_decay = 0.8;
+  std::string dead_code_policy = "replace";
   Index dead_code_after = 256;
-  double replace_threshold = 0.1;
-  Index memory_bank_size = 10240;
+  double replace_threshold = 0.5;
+  Index memory_bank_size = 512;
   Index usage_window = 10;
   Index feature_grid_xy = 128;
   Index feature_grid_z = 16;
@@ -120,16 +124,16 @@ struct TokenizerConfig {
   double depth_weight = 1.0;
   double sharpness_weight = 1.0;
   double occupancy_weight = 1.0;
-  double lr = 1e-3;
+  double lr = 3e-4;
   double beta1 = 0.9;
   double beta2 = 0.95;
   double weight_decay = 1e-4;
-  Index warmup_steps = 100;
+  Index warmup_steps = 20;
   Index total_steps = 2000;
   double grad_clip = 0.1;
   Index batch_size = 2;
-  double augment_yaw_deg = 0.0;
-  double augment_flip = 0.0;
+  double augment_yaw_deg = 180.0;
+  double augment_flip = 0.5;
   std::uint64_t seed = 0;
 
   static TokenizerConfig small() { return TokenizerConfig{}; }
@@ -142,6 +146,12 @@ struct TokenizerConfig {
     c.codebook_size = 1024;
     c.code_dim = 1024;
     c.memory_bank_size = 20480;
+    c.ema_decay = 0.99;
+    c.dead_code_policy = "kmeans_reinit";
+    c.replace_threshold = 0.1;
+    c.lr = 1e-3;
+    c.augment_yaw_deg = 0.0;
+    c.augment_flip = 0.0;
     c.feature_grid_xy = 512;
     c.feature_grid_z = 64;
     c.occupancy_pool = 8;
