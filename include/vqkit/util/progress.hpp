@@ -184,6 +184,7 @@ inline std::string gnuplot_script(const std::string& csv, const std::string& png
   s << "# written by vqkit::plot_csv\n"
     << "if (strstrt(GPVAL_TERMINALS, 'pngcairo') > 0) { set terminal pngcairo size 1000,600 } "
        "else { set terminal png size 1000,600 }\n"
+       "set termoption noenhanced\n"
     << "set output '" << png << "'\n"
     << "set datafile separator ','\n"
     << "set key autotitle columnhead\n"
