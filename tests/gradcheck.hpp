@@ -96,6 +96,36 @@ void check_gradients(Layer& layer, const RowMatrix<double>& x, Rng& rng, double 
   }
 }
 
+/// Every parameter value and gradient of a layer, to show that a throwing
+/// call changed nothing.
+template <class Layer>
+std::vector<RowMatrix<double>> snapshot(Layer& layer) {
+  std::vector<RowMatrix<double>> s;
+  for (auto& p : layer.parameters()) {
+    s.push_back(*p.value);
+    s.push_back(*p.grad);
+  }
+  return s;
+}
+
+/// Same shapes and bit-identical values.
+inline bool same(const std::vector<RowMatrix<double>>& a, const std::vector<RowMatrix<double>>& b) {
+  if (a.size() != b.size()) return false;
+  for (std::size_t i = 0; i < a.size(); ++i)
+    if (a[i].rows() != b[i].rows() || a[i].cols() != b[i].cols() || a[i] != b[i]) return false;
+  return true;
+}
+
+/// |f - d| <= tol * max(1, |d|) entrywise.
+inline bool close_float(const RowMatrix<float>& f, const RowMatrix<double>& d, double tol = 1e-5) {
+  if (f.rows() != d.rows() || f.cols() != d.cols()) return false;
+  for (Index i = 0; i < d.size(); ++i)
+    if (!(std::abs(static_cast<double>(f.data()[i]) - d.data()[i]) <=
+          tol * std::max(1.0, std::abs(d.data()[i]))))
+      return false;
+  return true;
+}
+
 /// Path of a committed PyTorch fixture under tests/fixtures.
 inline std::string fixture_file(const std::string& rel) {
 #ifdef VQKIT_FIXTURE_DIR

@@ -37,6 +37,9 @@ using vqkit::test::check_gradients;
 using vqkit::test::numeric_grad;
 using vqkit::test::randn;
 using vqkit::test::rel_err;
+using vqkit::test::close_float;
+using vqkit::test::same;
+using vqkit::test::snapshot;
 
 const vqkit::safetensors::File& fixture() {
   static const vqkit::safetensors::File f =
@@ -44,33 +47,6 @@ const vqkit::safetensors::File& fixture() {
   return f;
 }
 RowMatrix<double> fx(const std::string& name) { return fixture().matrix<double>(name); }
-
-template <class Layer>
-std::vector<RowMatrix<double>> snapshot(Layer& layer) {
-  std::vector<RowMatrix<double>> s;
-  for (auto& p : layer.parameters()) {
-    s.push_back(*p.value);
-    s.push_back(*p.grad);
-  }
-  return s;
-}
-
-bool same(const std::vector<RowMatrix<double>>& a, const std::vector<RowMatrix<double>>& b) {
-  if (a.size() != b.size()) return false;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    if (a[i].rows() != b[i].rows() || a[i].cols() != b[i].cols() || a[i] != b[i]) return false;
-  return true;
-}
-
-// |f - d| <= tol * max(1, |d|) entrywise.
-bool close_float(const RowMatrix<float>& f, const RowMatrix<double>& d, double tol = 1e-5) {
-  if (f.rows() != d.rows() || f.cols() != d.cols()) return false;
-  for (Index i = 0; i < d.size(); ++i)
-    if (!(std::abs(static_cast<double>(f.data()[i]) - d.data()[i]) <=
-          tol * std::max(1.0, std::abs(d.data()[i]))))
-      return false;
-  return true;
-}
 
 RowMatrix<double> sentinel(Index r, Index c) { return RowMatrix<double>::Constant(r, c, 42.0); }
 

@@ -27,34 +27,9 @@ using vqkit::test::check_gradients;
 using vqkit::test::max_abs;
 using vqkit::test::randn;
 using vqkit::test::rel_err;
-
-// Snapshot of every parameter and gradient, to prove a throwing call changed nothing.
-template <class Layer>
-std::vector<RowMatrix<double>> snapshot(Layer& layer) {
-  std::vector<RowMatrix<double>> s;
-  for (auto& p : layer.parameters()) {
-    s.push_back(*p.value);
-    s.push_back(*p.grad);
-  }
-  return s;
-}
-
-bool same(const std::vector<RowMatrix<double>>& a, const std::vector<RowMatrix<double>>& b) {
-  if (a.size() != b.size()) return false;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    if (a[i].rows() != b[i].rows() || a[i].cols() != b[i].cols() || a[i] != b[i]) return false;
-  return true;
-}
-
-// |f - d| <= 1e-5 * max(1, |d|) entrywise.
-bool close_float(const RowMatrix<float>& f, const RowMatrix<double>& d) {
-  if (f.rows() != d.rows() || f.cols() != d.cols()) return false;
-  for (Index i = 0; i < d.size(); ++i) {
-    const double tol = 1e-5 * std::max(1.0, std::abs(d.data()[i]));
-    if (!(std::abs(static_cast<double>(f.data()[i]) - d.data()[i]) <= tol)) return false;
-  }
-  return true;
-}
+using vqkit::test::close_float;
+using vqkit::test::same;
+using vqkit::test::snapshot;
 
 // A small composed network, to show the contract chains:
 // Linear(in, h) -> LayerNorm(h) -> Gelu -> Linear(h, out).
