@@ -4,6 +4,27 @@
 // Seeding (k-means++, Arthur & Vassilvitskii 2007): the first centre is a
 // uniformly random row; each next one is a row drawn with probability
 // proportional to its squared distance to the nearest centre so far.
+// It is computed in batches, so that it costs about one nearest-code search
+// of (n, k, D) instead of k sequential passes over the data:
+//  - the distances mind_i to the centres chosen so far are refreshed once
+//    per batch of new centres, by one blocked search of the data against
+//    that batch (nearest_code's kernel: the norm trick in float, at GEMM
+//    speed), on the data minus its mean (the trick's rounding grows with
+//    the norms); a distance small against the norms (where the trick
+//    cancels) is recomputed directly, so a row equal to a centre gets 0;
+//  - inside a batch, each centre is drawn exactly from the k-means++
+//    distribution by rejection: a row i proposed with probability
+//    proportional to mind_i (the distances at the start of the batch) is
+//    accepted with probability min(mind_i, d(x_i, centres drawn earlier in
+//    this batch)) / mind_i, which turns the proposal into a draw
+//    proportional to the current distances. Rejections cost only the
+//    distances to the batch's own centres.
+// Batches double in size (1, 1, 2, 4, ... up to 512 centres; below 16 the
+// distances are computed directly, in one streaming pass): early centres
+// change the distances most and would be rejected often. A batch whose
+// proposals keep being rejected ends early (the distances are refreshed).
+// Data whose entries leave float's safe range (see nearest_code.hpp) are
+// seeded by the sequential k-means++ in double (kmeans_plus_plus_exact).
 // Lloyd: assign every row to its nearest centre (nearest_code, ties to the
 // lowest index), move each centre to the mean of its rows (cluster_stats).
 // An empty cluster is never left where it was, nor at zero: it is re-seeded
@@ -11,10 +32,9 @@
 // the empty one and c(1 - delta) for the largest, with a tiny +-delta
 // pattern per dimension, and the count is shared), as FAISS does.
 // Deterministic for a given Rng state, whatever the thread count.
-// Range: the seeding's distances are computed in double, and the Lloyd
-// searches scale the data and centres by a power of two when their entries
-// leave float's safe range (nearest_code.hpp), so entries of ~1e19 or
-// subnormal ones (~1e-41) cluster as they would at unit scale.
+// Range: the Lloyd searches scale the data and centres by a power of two
+// when their entries leave float's safe range (nearest_code.hpp), so entries
+// of ~1e19 or subnormal ones (~1e-41) cluster as they would at unit scale.
 #pragma once
 
 #include <algorithm>
@@ -35,6 +55,10 @@ struct KMeansOptions {
   Index k = 0;          ///< number of clusters, 1 <= k <= n
   int iterations = 10;  ///< Lloyd iterations after seeding (0: seeding only)
   bool plus_plus = true;  ///< k-means++ seeding; false: k distinct random rows
+  /// With plus_plus: the sequential k-means++ in double (k passes over the
+  /// data, kmeans_plus_plus_exact) instead of the batched one. The same
+  /// distribution; for comparisons (bench/kmeans_quality).
+  bool exact_seeding = false;
   /// During the Lloyd iterations (not after the last), a cluster holding
   /// fewer than min_cluster_fraction * n/k rows is re-seeded like an empty
   /// one, by splitting the largest. 0 (the default) re-seeds empty clusters
@@ -54,9 +78,12 @@ struct KMeansResult {
 
 namespace detail {
 
-/// k-means++ seeding; returns k centres (copies of rows of data).
+/// Sequential k-means++ seeding with distances in double (k passes over the
+/// data): the fallback for data outside float's safe range, and the
+/// reference the batched seeding is tested against. Returns k centres
+/// (copies of rows of data).
 template <class T>
-RowMatrix<T> kmeans_plus_plus(const cpu& be, ConstMatrixRef<T> data, Index k, Rng& rng) {
+RowMatrix<T> kmeans_plus_plus_exact(const cpu& be, ConstMatrixRef<T> data, Index k, Rng& rng) {
   const Index n = data.rows(), D = data.cols();
   RowMatrix<T> c(k, D);
   std::vector<double> mind(n, std::numeric_limits<double>::infinity());
@@ -87,6 +114,99 @@ RowMatrix<T> kmeans_plus_plus(const cpu& be, ConstMatrixRef<T> data, Index k, Rn
       if (acc > u && mind[i] > 0) { pick = i; break; }
     }
   }
+  return c;
+}
+
+/// Batched k-means++ seeding (see the file comment). data_max = max_abs(data),
+/// finite. Returns k centres (copies of rows of data).
+template <class T>
+RowMatrix<T> kmeans_plus_plus(const cpu& be, ConstMatrixRef<T> data, Index k, Rng& rng, T data_max) {
+  const Index n = data.rows(), D = data.cols();
+  if (range_exponent<T>(data_max, D) != 0) return kmeans_plus_plus_exact<T>(be, data, k, rng);
+  // Distances are translation-invariant; the norm trick's rounding is not
+  // (it grows with ||x||^2): work on the data minus its mean. Centred
+  // entries are at most 2 data_max, still inside the band unless data_max
+  // is at its very top.
+  Eigen::Matrix<double, 1, Eigen::Dynamic> mean = Eigen::Matrix<double, 1, Eigen::Dynamic>::Zero(D);
+  for (Index i = 0; i < n; ++i) mean += data.row(i).template cast<double>();  // row order: streams
+  mean /= double(n);
+  const RowMatrix<T> x = data.rowwise() - mean.template cast<T>();
+  if (range_exponent<T>(detail::max_abs(x), D) != 0) return kmeans_plus_plus_exact<T>(be, data, k, rng);
+  constexpr Index max_batch = 512;
+  RowMatrix<T> c(k, D);            // centred centres
+  std::vector<Index> picked;       // their rows
+  picked.reserve(std::size_t(k));
+  std::vector<double> mind(std::size_t(n), std::numeric_limits<double>::infinity());
+  std::vector<double> prefix(static_cast<std::size_t>(n));
+  std::vector<Index> batch;  // rows chosen in the current batch
+  IndexVector idx(n);
+  Vector<T> dist;
+  const Vector<T> xn2 = x.rowwise().squaredNorm();
+  const auto pick = [&](Index i) {
+    c.row(Index(picked.size())) = x.row(i);
+    picked.push_back(i);
+  };
+  pick(Index(rng.below(std::uint64_t(n))));
+  Index done = 0;  // centres [0, done) are reflected in mind
+  while (Index(picked.size()) < k) {
+    const Index j = Index(picked.size());
+    // Refresh mind with the centres [done, j): one search against them.
+    if (j > done && j - done < 16) {
+      // A few centres: direct distances, one streaming pass over the data
+      // (cheaper than packing it for the kernel).
+      const auto nb = c.middleRows(done, j - done);
+#pragma omp parallel for schedule(static) num_threads(be.num_threads())
+      for (Index i = 0; i < n; ++i) {
+        double d = mind[std::size_t(i)];
+        for (Index b = 0; b < nb.rows(); ++b) d = std::min(d, double((x.row(i) - nb.row(b)).squaredNorm()));
+        mind[std::size_t(i)] = d;
+      }
+      done = j;
+    } else if (j > done) {
+      const auto nb = c.middleRows(done, j - done);
+      const Vector<T> cn2 = nb.rowwise().squaredNorm();
+      nearest_code_unchecked<T>(be, nb, x, idx, &dist, SearchOptions{}, nullptr);
+#pragma omp parallel for schedule(static) num_threads(be.num_threads())
+      for (Index i = 0; i < n; ++i) {
+        const Index a = idx[i];
+        double d = double(dist[i]);
+        // The norm trick loses the small distances to cancellation: where
+        // d is small against the norms, compute it directly (a row equal
+        // to a centre gets exactly 0 and is never drawn).
+        if (d <= 0x1p-10 * (double(xn2[i]) + double(cn2[a])))
+          d = double((x.row(i) - nb.row(a)).squaredNorm());
+        if (d < mind[std::size_t(i)]) mind[std::size_t(i)] = d;
+      }
+      done = j;
+    }
+    double total = 0;
+    for (Index i = 0; i < n; ++i) prefix[std::size_t(i)] = (total += mind[std::size_t(i)]);
+    if (!(total > 0)) {  // every row coincides with a centre: fall back to uniform
+      pick(Index(rng.below(std::uint64_t(n))));
+      continue;
+    }
+    // Draw the next batch by rejection from the distances at its start.
+    const Index want = std::min(k - j, std::min(j, max_batch));
+    const Index max_proposals = 16 * want + 64;
+    batch.clear();
+    for (Index proposals = 0; Index(batch.size()) < want && proposals < max_proposals; ++proposals) {
+      const double u = rng.uniform() * total;
+      Index i = Index(std::upper_bound(prefix.begin(), prefix.end(), u) - prefix.begin());
+      i = std::min(i, n - 1);
+      const double mi = mind[std::size_t(i)];
+      if (!(mi > 0)) continue;  // (rounding at the end of the prefix sums)
+      double cur = mi;
+      for (Index b : batch) {
+        cur = std::min(cur, double((x.row(i) - x.row(b)).squaredNorm()));
+        if (cur == 0) break;
+      }
+      // Accept with probability cur / mi (no draw when cur == mi).
+      if (cur < mi && rng.uniform() * mi >= cur) continue;
+      batch.push_back(i);
+      pick(i);
+    }
+  }
+  for (Index j = 0; j < k; ++j) c.row(j) = data.row(picked[std::size_t(j)]);
   return c;
 }
 
@@ -146,8 +266,9 @@ KMeansResult<T> kmeans(const cpu& be, ConstMatrixRef<T> data, const KMeansOption
   if (!std::isfinite(data_max)) detail::require_finite(data, where, "data");
 
   KMeansResult<T> r;
-  r.centroids = opt.plus_plus ? detail::kmeans_plus_plus<T>(be, data, opt.k, rng)
-                              : detail::kmeans_random_rows<T>(data, opt.k, rng);
+  r.centroids = !opt.plus_plus     ? detail::kmeans_random_rows<T>(data, opt.k, rng)
+                : opt.exact_seeding ? detail::kmeans_plus_plus_exact<T>(be, data, opt.k, rng)
+                                    : detail::kmeans_plus_plus<T>(be, data, opt.k, rng, data_max);
   // A cluster below min_size rows is re-seeded (never below 1: empty ones always are).
   const T min_size = std::max(T(1), T(std::ceil(opt.min_cluster_fraction * double(n) / double(opt.k))));
   IndexVector assign(n);
