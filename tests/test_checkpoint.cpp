@@ -372,8 +372,10 @@ TEST_CASE("config metadata round-trips every field exactly", "[checkpoint][confi
   c.search.metric = Metric::cosine;
   c.search.row_block = 3;
   c.search.code_block = 5;
+  c.search_precision = Precision::bf16_rerank;
   const auto m = config_to_metadata(c);
-  CHECK(m.size() == 27);
+  CHECK(m.size() == 28);
+  CHECK(m.at("search_precision") == "bf16_rerank");
   CHECK(m.at("ema.decay") == "0.30000000000000004");
   CHECK(m.at("seed") == "18446744073709551615");
   CHECK(m.at("refine_init") == "false");
@@ -656,4 +658,48 @@ TEST_CASE("a failed save leaves the previous checkpoint intact", "[checkpoint][a
   for (const auto& e : fs::directory_iterator(dir.path))
     if (e.path().filename().string().find(".tmp.") != std::string::npos) ++temp_files;
   CHECK(temp_files == 0);
+}
+
+TEST_CASE("search_precision: saved, legacy checkpoints load as fp32, bf16 training equals fp32",
+          "[checkpoint][config]") {
+  TempDir dir;
+  const std::string path = dir / "vq.safetensors";
+  auto cfg = train_config(DeadCodePolicy::replace);
+  cfg.dim = 256;  // where the bf16 search pays off
+  cfg.search_precision = Precision::bf16_rerank;
+  VectorQuantizer<float> bf(cfg);
+  auto cfg32 = cfg;
+  cfg32.search_precision = Precision::fp32;
+  VectorQuantizer<float> fp(cfg32);
+  // bf16 + exact re-rank gives the fp32 search's indices and distances, so
+  // the two quantizers train identically, bit for bit.
+  RowMatrix<float> q1, q2;
+  for (int s = 1; s <= 12; ++s) {
+    const RowMatrix<float> x = test::gaussian<float>(128, 256, std::uint64_t(s));
+    const auto c1 = bf.forward(x, q1);
+    const auto c2 = fp.forward(x, q2);
+    REQUIRE(c1.indices == c2.indices);
+  }
+  CHECK(bf.codebook() == fp.codebook());
+  save_checkpoint(path, bf);
+  st::File f = st::load(path);
+  CHECK(f.metadata.at("search_precision") == "bf16_rerank");
+  CHECK(config_from_metadata(f.metadata).search_precision == Precision::bf16_rerank);
+  VectorQuantizer<float> other(cfg);
+  from_safetensors(f, other);
+  CHECK(other.codebook() == bf.codebook());
+  // A precision that differs is named; an unknown name is rejected.
+  CHECK_THAT(error_of([&] { from_safetensors(f, fp); }),
+             Catch::Contains("search_precision is bf16_rerank in the checkpoint but fp32"));
+  f.metadata["search_precision"] = "int8";
+  CHECK_THAT(error_of([&] { config_from_metadata(f.metadata); }),
+             Catch::Contains("'search_precision' has the value 'int8'"));
+  // A checkpoint written before the key existed loads as fp32.
+  f.metadata.erase("search_precision");
+  CHECK(config_from_metadata(f.metadata).search_precision == Precision::fp32);
+  VectorQuantizer<float> legacy(cfg32);
+  from_safetensors(f, legacy);
+  CHECK(legacy.codebook() == bf.codebook());
+  CHECK_THAT(error_of([&] { from_safetensors(f, bf); }),
+             Catch::Contains("search_precision is fp32 in the checkpoint but bf16_rerank"));
 }

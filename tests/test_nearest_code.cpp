@@ -172,11 +172,15 @@ TEST_CASE("nearest_code rejects bad input with a message naming the value", "[se
              Catch::Contains("indices has size 2, expected N=5"));
 }
 
-// ---- the AVX-512 kernel (built with -march=native on an AVX-512 machine) ----
+// ---- the AVX-512 kernel (compiled on x86-64 whatever the flags; runs on AVX-512F CPUs) ----
 
 TEST_CASE("nearest_code: the fast kernel's results depend neither on its blocking nor on the threads",
           "[search][kernel]") {
-#if defined(__AVX512F__)
+#if VQKIT_K512
+  if (!avx512_search_supported()) {
+    WARN("this CPU has no AVX-512F: the generic path serves every call");
+    return;
+  }
   // Ragged everything: rows not a multiple of the 64-row panel, codes not a
   // multiple of the 6-code tile, dimensions not a multiple of 16; strided
   // inputs (blocks of wider matrices).
@@ -215,8 +219,31 @@ TEST_CASE("nearest_code: the fast kernel's results depend neither on its blockin
     }
   }
 #else
-  WARN("built without AVX-512: the generic path serves every call");
+  WARN("not x86-64 GCC/clang: the generic path serves every call");
 #endif
+}
+
+TEST_CASE("nearest_code: SearchStats names the kernel; avx512_disabled forces the generic path",
+          "[search][kernel]") {
+  const auto codes = test::gaussian<float>(40, 24, 41);
+  const auto x = test::gaussian<float>(300, 24, 42);
+  IndexVector a(x.rows()), b(x.rows());
+  SearchStats st;
+  SearchMode mode;
+  mode.stats = &st;
+  nearest_code<float>(cpu{2}, codes, x, a, nullptr, {}, nullptr, mode);
+  CHECK(std::string(st.kernel) == (avx512_search_supported() ? "avx512" : "generic"));
+  detail::avx512_disabled = true;
+  nearest_code<float>(cpu{2}, codes, x, b, nullptr, {}, nullptr, mode);
+  detail::avx512_disabled = false;
+  CHECK(std::string(st.kernel) == "generic");
+  IndexVector ref;
+  Vector<double> refd;
+  brute_force(codes, x, Metric::l2, ref, refd);
+  CHECK(a == ref);
+  CHECK(b == ref);
+  nearest_code<double>(cpu{2}, codes.cast<double>(), x.cast<double>(), a, nullptr, {}, nullptr, mode);
+  CHECK(std::string(st.kernel) == "generic");  // double: always the generic path
 }
 
 TEST_CASE("nearest_code: the fast kernel equals the generic path where arithmetic is exact",
@@ -291,8 +318,9 @@ TEST_CASE("nearest_code: zero vectors, and norms near float's range, are handled
   // Codes with huge norms: unscaled, the whole search takes the generic path.
   RowMatrix<float> big_c = c2;
   big_c.row(3).setConstant(3e19f);
-#if defined(__AVX512F__)
-  REQUIRE_FALSE(detail::nearest_code_avx512(cpu{1}, big_c, big_x, a, nullptr, SearchOptions{}, nullptr));
+#if VQKIT_K512
+  if (avx512_search_supported())
+    REQUIRE_FALSE(detail::nearest_code_avx512(cpu{1}, big_c, big_x, a, nullptr, SearchOptions{}, nullptr));
 #endif
   nearest_code<float>(cpu{2}, big_c, big_x, a);
   CHECK(a == expanded_ref(big_c, big_x));
@@ -302,8 +330,9 @@ TEST_CASE("nearest_code: zero vectors, and norms near float's range, are handled
   big_x.row(150).setConstant(1e17f);  // ||x||^2 < 1e37: a kernel row
   SearchOptions cosine;
   cosine.metric = Metric::cosine;
-#if defined(__AVX512F__)
-  REQUIRE_FALSE(detail::nearest_code_avx512(cpu{1}, big_c, big_x, a, nullptr, cosine, nullptr));
+#if VQKIT_K512
+  if (avx512_search_supported())
+    REQUIRE_FALSE(detail::nearest_code_avx512(cpu{1}, big_c, big_x, a, nullptr, cosine, nullptr));
 #endif
   detail::nearest_code_unchecked<float>(cpu{2}, big_c, big_x, a, nullptr, cosine, nullptr);
   detail::nearest_code_gemm_tiles<float>(cpu{1}, big_c, big_x, b, nullptr, cosine, nullptr);

@@ -4,13 +4,7 @@
 
 namespace vqkit_test {
 
-bool cpu_search_is_avx512() {
-#if defined(__AVX512F__)
-  return true;
-#else
-  return false;
-#endif
-}
+bool cpu_search_is_avx512() { return vqkit::avx512_search_supported(); }
 
 void cpu_search(const Mat& codes, const Mat& x, vqkit::Metric m, const Vec* norms, IndexVector& idx, Vec& dist) {
   vqkit::SearchOptions o;
@@ -19,7 +13,19 @@ void cpu_search(const Mat& codes, const Mat& x, vqkit::Metric m, const Vec* norm
   vqkit::nearest_code<float>(vqkit::cpu{}, codes, x, idx, &dist, o, norms);
 }
 
-Vec cpu_code_norms(const Mat& codes, vqkit::Metric m) { return vqkit::code_norms<float>(vqkit::cpu{}, codes, m); }
+// The norms the CPU's float search uses: the AVX-512 kernel forms its own
+// (one FMA chain per code, see k512::kernel_norms), so that is what a GPU
+// search given "the CPU's norms" must see to match it index for index.
+Vec cpu_code_norms(const Mat& codes, vqkit::Metric m) {
+#if VQKIT_K512
+  if (vqkit::avx512_search_supported()) {
+    Vec n;
+    vqkit::detail::k512::kernel_norms(codes, m == vqkit::Metric::cosine, n);
+    return n;
+  }
+#endif
+  return vqkit::code_norms<float>(vqkit::cpu{}, codes, m);
+}
 
 vqkit::ClusterStats<float> cpu_cluster_stats(const Mat& x, const IndexVector& idx, Index K) {
   return vqkit::cluster_stats<float>(vqkit::cpu{}, x, idx, K);

@@ -217,7 +217,8 @@ std::uint64_t fingerprint(const VQ& vq) {
            c.loss.codebook_weight, c.loss.commitment_weight, c.loss.reduction, c.dead.policy,
            c.dead.dead_after, c.dead.check_every, c.dead.min_steps, c.dead.max_dead_fraction,
            c.dead.replace_threshold, c.init, c.kmeans_iterations, c.kmeans_min_cluster_fraction,
-           c.bank_rows(), c.init_rows(), c.refine_init, c.usage_window, c.non_finite, c.seed);
+           c.bank_rows(), c.init_rows(), c.refine_init, c.usage_window, c.non_finite, c.seed,
+           c.search_precision);
   f.matrix(vq.codebook());
   f.matrix(vq.ema_state().cluster_size);
   f.matrix(vq.ema_state().embed_sum);

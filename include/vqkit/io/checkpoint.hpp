@@ -41,7 +41,9 @@
 //   dead.max_dead_fraction, dead.replace_threshold, init, kmeans_iterations,
 //   kmeans_min_cluster_fraction, memory_bank_size, init_min_rows,
 //   refine_init, usage_window, non_finite, seed, search.metric,
-//   search.row_block, search.code_block.
+//   search.row_block, search.code_block, search_precision ("fp32" or
+//   "bf16_rerank"; a checkpoint written before this key existed loads as
+//   "fp32", see legacy_default()).
 //   Integers are decimal, booleans "true"/"false", enums their to_string()
 //   names ("l2", "ema", "kmeans_reinit", "reject", ...), doubles the shortest decimal
 //   that reads back to the same double (std::to_chars; at most max_digits10
@@ -108,7 +110,7 @@ constexpr std::size_t field_count() {
 // A checkpoint must hold the complete config and state: a new field fails
 // these until visit_config(), build() and restore() below (and the list at
 // the top of this file) cover it.
-static_assert(field_count<VectorQuantizerConfig>() == 17 && field_count<EmaOptions>() == 2 &&
+static_assert(field_count<VectorQuantizerConfig>() == 18 && field_count<EmaOptions>() == 2 &&
                   field_count<LossOptions>() == 3 && field_count<DeadCodeOptions>() == 6 &&
                   field_count<SearchOptions>() == 3,
               "VectorQuantizerConfig changed: update visit_config() in vqkit/io/checkpoint.hpp");
@@ -148,6 +150,15 @@ void visit_config(Config& c, F&& f) {
   f("search.metric", c.search.metric);
   f("search.row_block", c.search.row_block);
   f("search.code_block", c.search.code_block);
+  f("search_precision", c.search_precision);
+}
+
+/// Config keys added after version 1's first release, with the value a
+/// checkpoint written before them had (it is loaded as that); nullptr for
+/// the original keys, which a checkpoint must hold.
+inline const char* legacy_default(const std::string& key) {
+  if (key == "search_precision") return "fp32";
+  return nullptr;
 }
 
 template <class E>
@@ -165,6 +176,8 @@ constexpr auto enum_values() {
     return std::array<E, 2>{InitMethod::kmeans, InitMethod::normalized};
   } else if constexpr (std::is_same_v<E, NonFinitePolicy>) {
     return std::array<E, 2>{NonFinitePolicy::reject, NonFinitePolicy::skip};
+  } else if constexpr (std::is_same_v<E, Precision>) {
+    return std::array<E, 2>{Precision::fp32, Precision::bf16_rerank};
   } else {
     static_assert(sizeof(E) == 0, "checkpoint: unknown config enum");
   }
@@ -404,10 +417,11 @@ inline void check_config(const safetensors::File& f, const VectorQuantizerConfig
     using V = std::decay_t<decltype(mine)>;
     const std::string mine_s = format_value(mine);
     const auto it = f.metadata.find(key);
-    VQKIT_REQUIRE(it != f.metadata.end(), where.c_str(),
+    const char* legacy = legacy_default(key);
+    VQKIT_REQUIRE(it != f.metadata.end() || legacy != nullptr, where.c_str(),
                   "the checkpoint's metadata lacks the config key '", key,
                   "' (this quantizer has ", mine_s, ")");
-    const std::string& raw = it->second;
+    const std::string raw = it != f.metadata.end() ? it->second : std::string(legacy);
     if (raw == mine_s) return;
     V theirs{};
     const bool same = parse_value(raw, theirs) && format_value(theirs) == mine_s;
@@ -510,9 +524,12 @@ inline VectorQuantizerConfig config_from_metadata(
   detail::ckpt::visit_config(cfg, [&](const char* key, auto& field) {
     using V = std::decay_t<decltype(field)>;
     const auto it = metadata.find(key);
-    VQKIT_REQUIRE(it != metadata.end(), where, "the metadata lacks the config key '", key, "'");
-    VQKIT_REQUIRE(detail::ckpt::parse_value(it->second, field), where, "config key '", key,
-                  "' has the value '", safetensors::detail::clip(it->second), "', expected ",
+    const char* legacy = detail::ckpt::legacy_default(key);
+    VQKIT_REQUIRE(it != metadata.end() || legacy != nullptr, where,
+                  "the metadata lacks the config key '", key, "'");
+    const std::string raw = it != metadata.end() ? it->second : std::string(legacy);
+    VQKIT_REQUIRE(detail::ckpt::parse_value(raw, field), where, "config key '", key,
+                  "' has the value '", safetensors::detail::clip(raw), "', expected ",
                   detail::ckpt::value_kind<V>());
   });
   try {

@@ -68,8 +68,20 @@
 #include <vector>
 #include <utility>
 
-#if defined(__AVX512F__)
+// The AVX-512 kernels are compiled on x86-64 with GCC or clang whatever the
+// flags (function target attributes), and chosen at run time when the CPU
+// has AVX-512F (avx512_search_supported()): a program built with plain -O3
+// gets the same kernels, and the same results bit for bit, as one built
+// with -march=native. Translation units compiled by nvcc (the CUDA
+// backend's host code) leave them out and take the generic path.
+#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(__CUDACC__)
+#define VQKIT_K512 1
 #include <immintrin.h>
+#define VQKIT_K512_TARGET __attribute__((target("avx512f,fma")))
+#else
+#define VQKIT_K512 0
+#define VQKIT_K512_TARGET
 #endif
 
 #include "vqkit/core/backend.hpp"
@@ -102,6 +114,11 @@ struct SearchStats {
   /// a single scaling of the whole problem would use.
   int scale_exponent = 0;
   Index reranked = 0;      ///< bf16_rerank: (row, code) pairs re-ranked exactly in fp32
+  /// The kernel that ran: "avx512" (the fp32 kernel), "avx512_bf16" (bf16 +
+  /// re-rank) or "generic" (Eigen GEMM tiles: double, a CPU without
+  /// AVX-512F, or inputs the kernel does not serve). With range scaling,
+  /// the last of the scaled searches.
+  const char* kernel = "generic";
 };
 
 struct SearchOptions {
@@ -133,26 +150,42 @@ namespace detail {
 /// Tests only: when set, bf16_search_supported() reports false (the
 /// fallback path can be tested on a machine that has AVX512-BF16).
 inline std::atomic<bool> bf16_disabled{false};
+/// Tests only: when set, avx512_search_supported() reports false (the
+/// generic path runs, as on a CPU without AVX-512).
+inline std::atomic<bool> avx512_disabled{false};
 
 }  // namespace detail
 
-#if defined(__AVX512F__) && (defined(__GNUC__) || defined(__clang__))
-#define VQKIT_BF16_KERNEL 1  // the bf16 kernel is compiled (target attribute), used if the CPU has it
-#else
-#define VQKIT_BF16_KERNEL 0
-#endif
+#define VQKIT_BF16_KERNEL VQKIT_K512  // compiled with target attributes, used if the CPU has it
 
-/// Whether Precision::bf16_rerank runs here: built with AVX-512 (the fp32
-/// kernel it reproduces) and the CPU has AVX512-BF16 (checked at run time).
+/// Whether the AVX-512 fp32 kernel serves float searches here: compiled on
+/// x86-64 with GCC or clang (any flags) and the CPU has AVX-512F, checked
+/// once at run time. When false, float searches take the generic path.
+inline bool avx512_search_supported() {
+#if VQKIT_K512
+  static const bool cpu_has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return cpu_has && !detail::avx512_disabled.load(std::memory_order_relaxed);
+#else
+  return false;
+#endif
+}
+
+/// Whether Precision::bf16_rerank runs here: the fp32 kernel it reproduces
+/// runs (avx512_search_supported()) and the CPU has AVX512-BF16 (checked at
+/// run time).
 /// When false, a bf16_rerank search runs the fp32 search.
 inline bool bf16_search_supported() {
 #if VQKIT_BF16_KERNEL
   static const bool cpu_has = [] {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   }();
-  return cpu_has && !detail::bf16_disabled.load(std::memory_order_relaxed);
+  return cpu_has && avx512_search_supported() &&
+         !detail::bf16_disabled.load(std::memory_order_relaxed);
 #else
   return false;
 #endif
@@ -252,7 +285,15 @@ void nearest_code_gemm_tiles(const cpu& be, ConstMatrixRef<T> codes, ConstMatrix
   }
 }
 
-#if defined(__AVX512F__)
+#if VQKIT_K512
+// GCC 12's own avx512fintrin.h trips -W(maybe-)uninitialized on every
+// _mm512_undefined_* (GCC bug 105593, fixed in 13); a consumer's -Wall
+// would show it now that the kernel is compiled without -march.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 // ---- the AVX-512 kernel (float) ------------------------------------------------
 //
 // Scores, maximised with ties to the lowest index:
@@ -291,7 +332,7 @@ inline constexpr float kHuge = 1e37f;
 
 /// Transposes 16 rows of 16 floats (r[i] = row i) into 16 vectors
 /// (r[d] = dimension d of the 16 rows).
-inline void transpose16(__m512 r[16]) {
+VQKIT_K512_TARGET inline void transpose16(__m512 r[16]) {
   __m512 t[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -321,7 +362,8 @@ inline void transpose16(__m512 r[16]) {
 
 /// Packs `rows` (<= MR) rows of x (leading dimension ldx) into dst[d * MR + r],
 /// zero beyond `rows`; xn2[r] = sum_d x_rd^2 (in d order, zero beyond `rows`).
-inline void pack_panel(const float* x, Index ldx, Index rows, Index D, float* dst, float* xn2) {
+VQKIT_K512_TARGET inline void pack_panel(const float* x, Index ldx, Index rows, Index D, float* dst,
+                                          float* xn2) {
   for (int g = 0; g < MV; ++g) {
     __m512 nrm = _mm512_setzero_ps();
     for (Index d0 = 0; d0 < D; d0 += 16) {
@@ -350,7 +392,7 @@ inline void pack_panel(const float* x, Index ldx, Index rows, Index D, float* ds
 /// idx[j] is code j's index (a ragged tail repeats the last code, which ties
 /// with itself and so never wins).
 template <bool Cosine, bool Load, bool Final>
-inline void micro_tile(const float* a, const float* const c[NC], Index len, float* part,
+VQKIT_K512_TARGET inline void micro_tile(const float* a, const float* const c[NC], Index len, float* part,
                        const float* p, const std::int32_t* idx, float* best, std::int32_t* arg) {
   __m512 acc[MV][NC];
 #pragma GCC unroll 8
@@ -475,9 +517,32 @@ inline Workspace& thread_workspace() {
   return ws;
 }
 
+/// The kernels' own code norms (code_norms' quantity: ||e||^2 for L2,
+/// 1/||e|| or 0 for cosine), each squared norm one FMA chain over d in
+/// order, as pack_panel forms ||x||^2 and the micro-kernel x.e: the same
+/// bits whatever the compiler flags (a caller's cached norms are computed
+/// with its own flags, in Eigen's order), and a row equal to a code gets
+/// distance 0 exactly.
+VQKIT_K512_TARGET inline void kernel_norms(ConstMatrixRef<float> codes, bool cosine, Vector<float>& out) {
+  const Index K = codes.rows(), D = codes.cols();
+  out.resize(K);
+  std::unique_ptr<float[], decltype(&std::free)> scratch(
+      static_cast<float*>(std::aligned_alloc(64, std::size_t((MR * D + 15) / 16 * 16) * sizeof(float))),
+      &std::free);
+  if (!scratch) throw std::bad_alloc();
+  alignas(64) float n2[MR];
+  for (Index k0 = 0; k0 < K; k0 += MR) {
+    const Index rows = std::min<Index>(MR, K - k0);
+    pack_panel(codes.data() + k0 * codes.outerStride(), codes.outerStride(), rows, D, scratch.get(), n2);
+    for (Index r = 0; r < rows; ++r)
+      out[k0 + r] = !cosine ? n2[r] : n2[r] > 0.f ? 1.f / std::sqrt(n2[r]) : 0.f;
+  }
+}
+
 /// The kernel's per-code score parameter (L2 ||e||^2 / 2, cosine 1/||e||)
-/// and code index, padded to a multiple of NC with the last code. False when
-/// a code's norm is outside the kernel's range (the generic path serves it).
+/// and code index, padded to a multiple of NC with the last code; `norms`
+/// from kernel_norms. False when a code's norm is outside the kernel's range
+/// (the generic path serves it).
 inline bool kernel_params(ConstMatrixRef<float> codes, const Vector<float>& norms, bool cosine,
                           std::vector<float>& param, std::vector<std::int32_t>& cidx) {
   const Index K = codes.rows(), Kp = (K + NC - 1) / NC * NC;
@@ -503,7 +568,8 @@ inline bool kernel_params(ConstMatrixRef<float> codes, const Vector<float>& norm
 /// it does not apply (K >= 2^31, or a code whose squared norm is >= ~1e36);
 /// row blocks holding a row whose squared norm is >= 1e37 are searched by
 /// the generic path. `blk_override` (tests) replaces the default blocking.
-inline bool nearest_code_avx512(const cpu& be, ConstMatrixRef<float> codes, ConstMatrixRef<float> x,
+VQKIT_K512_TARGET inline bool nearest_code_avx512(const cpu& be, ConstMatrixRef<float> codes,
+                                                  ConstMatrixRef<float> x,
                                 Eigen::Ref<IndexVector> indices, Vector<float>* distances,
                                 const SearchOptions& opt, const Vector<float>* norms,
                                 const k512::Blocking* blk_override = nullptr) {
@@ -511,15 +577,13 @@ inline bool nearest_code_avx512(const cpu& be, ConstMatrixRef<float> codes, Cons
   const Index K = codes.rows(), D = codes.cols(), N = x.rows();
   if (K >= Index(std::numeric_limits<std::int32_t>::max())) return false;
   const bool cosine = opt.metric == Metric::cosine;
-  Vector<float> own_norms;
-  if (norms == nullptr) {
-    own_norms = code_norms<float>(be, codes, opt.metric);
-    norms = &own_norms;
-  }
+  // The kernel's own norms, not the caller's: see kernel_norms.
+  Vector<float> knorms;
+  kernel_norms(codes, cosine, knorms);
   const Index Kp = (K + NC - 1) / NC * NC;
   std::vector<float> param;
   std::vector<std::int32_t> cidx;
-  if (!kernel_params(codes, *norms, cosine, param, cidx)) return false;
+  if (!kernel_params(codes, knorms, cosine, param, cidx)) return false;
   Blocking bk = blk_override ? *blk_override : default_blocking(N, D, Kp, be.num_threads());
   bk.mc = std::max<Index>(MR, (bk.mc + MR - 1) / MR * MR);
   bk.kc = std::clamp<Index>(bk.kc, 1, D);
@@ -600,7 +664,10 @@ inline bool nearest_code_avx512(const cpu& be, ConstMatrixRef<float> codes, Cons
   }
   return true;
 }
-#endif  // __AVX512F__
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
+#endif  // VQKIT_K512
 
 
 #if VQKIT_BF16_KERNEL
@@ -624,22 +691,27 @@ void nearest_code_unchecked(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixR
   if (mode.stats) {
     mode.stats->precision = Precision::fp32;
     mode.stats->reranked = 0;
+    mode.stats->kernel = "generic";
   }
-#if defined(__AVX512F__)
+#if VQKIT_K512
   if constexpr (std::is_same_v<T, float>) {
-#if VQKIT_BF16_KERNEL
-    if (mode.precision == Precision::bf16_rerank && bf16_search_supported()) {
-      Index reranked = 0;
-      if (nearest_code_bf16(be, codes, x, indices, distances, opt, norms, &reranked)) {
-        if (mode.stats) {
-          mode.stats->precision = Precision::bf16_rerank;
-          mode.stats->reranked = reranked;
+    if (avx512_search_supported()) {
+      if (mode.precision == Precision::bf16_rerank && bf16_search_supported()) {
+        Index reranked = 0;
+        if (nearest_code_bf16(be, codes, x, indices, distances, opt, norms, &reranked)) {
+          if (mode.stats) {
+            mode.stats->precision = Precision::bf16_rerank;
+            mode.stats->reranked = reranked;
+            mode.stats->kernel = "avx512_bf16";
+          }
+          return;
         }
+      }
+      if (nearest_code_avx512(be, codes, x, indices, distances, opt, norms)) {
+        if (mode.stats) mode.stats->kernel = "avx512";
         return;
       }
     }
-#endif
-    if (nearest_code_avx512(be, codes, x, indices, distances, opt, norms)) return;
   }
 #endif
   nearest_code_gemm_tiles<T>(be, codes, x, indices, distances, opt, norms);

@@ -70,6 +70,13 @@
 
 #define VQKIT_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
+// GCC bug 105593 (see nearest_code.hpp): not a consumer's warning to see.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace vqkit::detail {
 namespace kbf16 {
 
@@ -414,14 +421,12 @@ inline bool nearest_code_bf16(const cpu& be, ConstMatrixRef<float> codes, ConstM
   const Index K = codes.rows(), D = codes.cols(), N = x.rows();
   if (K >= Index(std::numeric_limits<std::int32_t>::max()) || D > 65536) return false;
   const bool cosine = opt.metric == Metric::cosine;
-  Vector<float> own_norms;
-  if (norms == nullptr) {
-    own_norms = code_norms<float>(be, codes, opt.metric);
-    norms = &own_norms;
-  }
+  // The kernel's own norms, not the caller's: see kernel_norms.
+  Vector<float> knorms;
+  k512::kernel_norms(codes, cosine, knorms);
   std::vector<float> param;
   std::vector<std::int32_t> cidx;
-  if (!k512::kernel_params(codes, *norms, cosine, param, cidx)) return false;
+  if (!k512::kernel_params(codes, knorms, cosine, param, cidx)) return false;
   const Index Kp = Index(param.size()), D2 = (D + 1) / 2;
 
   // The codes as bf16 pairs, and their squared norms in double (for the bound).
@@ -495,6 +500,9 @@ inline bool nearest_code_bf16(const cpu& be, ConstMatrixRef<float> codes, ConstM
 
 }  // namespace vqkit::detail
 
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 #undef VQKIT_BF16_TARGET
 
 #endif  // VQKIT_BF16_KERNEL
