@@ -28,4 +28,31 @@ struct cpu {
   }
 };
 
+/// Runs f(i) for i in [0, n) on be's threads (OpenMP, schedule(static)), or,
+/// with one thread, in a plain loop that makes no OpenMP call at all:
+/// libgomp allocates and frees a team for every one-thread parallel region,
+/// and a steady quantizer step must not allocate.
+template <class I, class F>
+void parallel_for(const cpu& be, I n, F&& f) {
+  const int t = be.num_threads();
+  if (t > 1) {
+#pragma omp parallel for schedule(static) num_threads(t)
+    for (I i = 0; i < n; ++i) f(i);
+  } else {
+    for (I i = 0; i < n; ++i) f(i);
+  }
+}
+
+/// parallel_for with schedule(dynamic, chunk).
+template <class I, class F>
+void parallel_for_dynamic(const cpu& be, I n, int chunk, F&& f) {
+  const int t = be.num_threads();
+  if (t > 1) {
+#pragma omp parallel for schedule(dynamic, chunk) num_threads(t)
+    for (I i = 0; i < n; ++i) f(i);
+  } else {
+    for (I i = 0; i < n; ++i) f(i);
+  }
+}
+
 }  // namespace vqkit

@@ -169,6 +169,17 @@ class VectorQuantizer {
 
   /// See the file comment for the order of a training step.
   Context forward(ConstMatrixRef<T> x, RowMatrix<T>& quantized) {
+    Context ctx;
+    forward(x, quantized, ctx);
+    return ctx;
+  }
+
+  /// The same, reusing ctx's buffers (indices, residual) and the layer's own
+  /// workspaces: once a step of the same batch size has run, a steady
+  /// training or eval step (float, on a CPU with AVX-512F; no k-means init,
+  /// re-init or replacement in that step, no reducer) makes no heap
+  /// allocation (tests/test_no_alloc.cpp). ctx is overwritten whole.
+  void forward(ConstMatrixRef<T> x, RowMatrix<T>& quantized, Context& ctx) {
     constexpr const char* where = "VectorQuantizer::forward";
     // Under a reducer every rank's slice is checked together (a collective):
     // if one is rejected every rank throws, if one is non-finite all skip.
@@ -177,15 +188,20 @@ class VectorQuantizer {
             ? dp_->begin_step(x, cfg_.dim, cfg_.non_finite == NonFinitePolicy::reject, where)
             : true;
     detail::require_batch(x, cfg_.dim, where, "x");
-    Context ctx;
+    ctx.loss = VqLoss{};
+    ctx.metrics = CodebookMetrics{};
     ctx.training = training_;
-    if (cfg_.non_finite == NonFinitePolicy::skip && !(all_finite && x.allFinite())) {
+    ctx.data_initialized = ctx.reinitialized = ctx.skipped = false;
+    ctx.replaced = 0;
+    if (cfg_.non_finite == NonFinitePolicy::skip && !(all_finite && detail::all_finite(x, &backend_))) {
       if (training_) ++skipped_;  // eval mode changes nothing, not even this count
       ctx.skipped = true;
+      ctx.indices.resize(0);
+      ctx.residual.resize(0, cfg_.dim);
       quantized.resize(0, cfg_.dim);
-      return ctx;
+      return;
     }
-    detail::require_finite(x, where, "x");
+    detail::require_finite(x, where, "x", &backend_);
     const Index N = x.rows(), K = cfg_.codebook_size;
     Index rows = N;  // rows of the whole batch (over every rank)
     if (training_) {
@@ -208,20 +224,22 @@ class VectorQuantizer {
     search.metric = cfg_.metric;
     SearchMode mode;
     mode.precision = cfg_.search_precision;
+    mode.workspace = &search_ws_;
     nearest_code<T>(backend_, codes_, x, ctx.indices, nullptr, search, nullptr, mode);
     quantized.resize(N, cfg_.dim);
     for (Index i = 0; i < N; ++i) quantized.row(i) = codes_.row(ctx.indices[i]);
-    ctx.residual = x - quantized;
+    ctx.residual.resize(N, cfg_.dim);
+    ctx.residual.noalias() = x - quantized;
     ctx.loss = vq_loss<T>(backend_, ctx.residual, cfg_.loss);
 
-    Vector<T> counts;
+    Vector<T>& counts = stats_.counts;
     if (training_ && cfg_.update == CodebookUpdate::ema) {
-      auto st = cluster_stats<T>(backend_, x, ctx.indices, K);
-      if (dp_) dp_->all_reduce(st);  // the whole batch's counts and sums
-      ema_update<T>(backend_, ema_, st, cfg_.ema, codes_);
-      counts = std::move(st.counts);
+      cluster_stats<T>(backend_, x, ctx.indices, K, stats_, stats_ws_);
+      if (dp_) dp_->all_reduce(stats_);  // the whole batch's counts and sums
+      ema_update<T>(backend_, ema_, stats_, cfg_.ema, codes_);
     } else {
-      counts = cluster_counts<T>(backend_, ctx.indices, K);
+      counts.setZero(K);
+      for (Index i = 0; i < N; ++i) counts[ctx.indices[i]] += T(1);
       if (training_) {  // gradient mode still tracks EMA cluster sizes (replace policy)
         if (dp_) dp_->all_reduce(counts);
         const T g = T(cfg_.ema.decay);
@@ -239,7 +257,6 @@ class VectorQuantizer {
     ctx.metrics.overflow_rows = dp_ ? dp_->overflow_rows() : bank_.overflow_rows();
 
     if (training_) apply_dead_code_policy(ctx, rows);
-    return ctx;
   }
 
   /// dq: N x D gradient w.r.t. the quantized output (0 rows: none).
@@ -468,6 +485,10 @@ class VectorQuantizer {
   bool data_initialized_ = false, init_refined_ = false;
   bool training_ = true;
   std::optional<detail::DataParallel<T>> dp_;  ///< engaged under a reducer of size > 1
+  // Workspaces of a step, reused (no state: never checkpointed).
+  SearchWorkspace search_ws_;
+  ClusterStats<T> stats_;  ///< this step's counts (and sums under EMA)
+  ClusterStatsWorkspace stats_ws_;
 };
 
 }  // namespace vqkit

@@ -38,10 +38,17 @@ Vector<T> cluster_counts(const cpu&, const Eigen::Ref<const IndexVector>& idx, I
   return n;
 }
 
-/// Counts and sums (see the file comment).
+/// Scratch of cluster_stats (the counting sort's offsets and row order),
+/// kept by a caller between calls so that a step allocates nothing.
+struct ClusterStatsWorkspace {
+  std::vector<Index> start, order, fill;
+};
+
+/// Counts and sums (see the file comment), written into `out` (resized; no
+/// allocation when its shapes and the workspace's already fit).
 template <class T>
-ClusterStats<T> cluster_stats(const cpu& be, ConstMatrixRef<T> x,
-                              const Eigen::Ref<const IndexVector>& idx, Index K) {
+void cluster_stats(const cpu& be, ConstMatrixRef<T> x, const Eigen::Ref<const IndexVector>& idx,
+                   Index K, ClusterStats<T>& out, ClusterStatsWorkspace& ws) {
   constexpr const char* where = "cluster_stats";
   VQKIT_REQUIRE(K >= 1, where, "K must be >= 1, got ", K);
   VQKIT_REQUIRE(idx.size() == x.rows(), where, "indices has size ", idx.size(),
@@ -50,23 +57,33 @@ ClusterStats<T> cluster_stats(const cpu& be, ConstMatrixRef<T> x,
   const Index N = x.rows(), D = x.cols();
 
   // Stable counting sort of row numbers by code.
-  std::vector<Index> start(K + 1, 0), order(N);
-  for (Index i = 0; i < N; ++i) ++start[idx[i] + 1];
-  for (Index k = 0; k < K; ++k) start[k + 1] += start[k];
-  {
-    std::vector<Index> fill(start.begin(), start.end() - 1);
-    for (Index i = 0; i < N; ++i) order[fill[idx[i]]++] = i;
-  }
+  auto& start = ws.start;
+  auto& order = ws.order;
+  auto& fill = ws.fill;
+  start.assign(std::size_t(K + 1), 0);
+  order.resize(std::size_t(N));
+  for (Index i = 0; i < N; ++i) ++start[std::size_t(idx[i] + 1)];
+  for (Index k = 0; k < K; ++k) start[std::size_t(k + 1)] += start[std::size_t(k)];
+  fill.assign(start.begin(), start.end() - 1);
+  for (Index i = 0; i < N; ++i) order[std::size_t(fill[std::size_t(idx[i])]++)] = i;
 
+  out.counts.resize(K);
+  out.sums.resize(K, D);
+  parallel_for_dynamic(be, K, 16, [&](Index k) {
+    out.counts[k] = T(start[std::size_t(k + 1)] - start[std::size_t(k)]);
+    auto s = out.sums.row(k);
+    s.setZero();
+    for (Index p = start[std::size_t(k)]; p < start[std::size_t(k + 1)]; ++p) s += x.row(order[std::size_t(p)]);
+  });
+}
+
+/// Counts and sums (see the file comment); allocates its result.
+template <class T>
+ClusterStats<T> cluster_stats(const cpu& be, ConstMatrixRef<T> x,
+                              const Eigen::Ref<const IndexVector>& idx, Index K) {
   ClusterStats<T> st;
-  st.counts.resize(K);
-  st.sums.setZero(K, D);
-#pragma omp parallel for schedule(dynamic, 16) num_threads(be.num_threads())
-  for (Index k = 0; k < K; ++k) {
-    st.counts[k] = T(start[k + 1] - start[k]);
-    auto s = st.sums.row(k);
-    for (Index p = start[k]; p < start[k + 1]; ++p) s += x.row(order[p]);
-  }
+  ClusterStatsWorkspace ws;
+  cluster_stats<T>(be, x, idx, K, st, ws);
   return st;
 }
 

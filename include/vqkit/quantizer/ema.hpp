@@ -78,12 +78,11 @@ void ema_update(const cpu& be, EmaState<T>& st, const ClusterStats<T>& batch,
   double total = 0;
   for (Index k = 0; k < K; ++k) total += double(st.cluster_size[k]);
   const double scale = total / (total + double(K) * opt.eps);
-#pragma omp parallel for schedule(static) num_threads(be.num_threads())
-  for (Index k = 0; k < K; ++k) {
+  parallel_for(be, K, [&](Index k) {
     st.embed_sum.row(k) = g * st.embed_sum.row(k) + h * batch.sums.row(k);
     const T nhat = T((double(st.cluster_size[k]) + opt.eps) * scale);
     codes.row(k) = st.embed_sum.row(k) / nhat;
-  }
+  });
 }
 
 }  // namespace vqkit

@@ -130,9 +130,16 @@ struct SearchOptions {
 /// Per-call choices of a search (a trailing argument of nearest_code; not
 /// part of SearchOptions, which a quantizer's checkpoint stores field by
 /// field).
+struct SearchWorkspace;
+
 struct SearchMode {
   Precision precision = Precision::fp32;  ///< float searches; see Precision
   SearchStats* stats = nullptr;           ///< if set, receives what the call did
+  /// Scratch of the fp32 kernel, kept by the caller between calls (a
+  /// quantizer holds one): with it a search of a shape seen before makes no
+  /// heap allocation. nullptr: the call allocates its own. One workspace
+  /// serves one call at a time.
+  SearchWorkspace* workspace = nullptr;
 };
 
 /// The per-code quantity the search needs, cached per codebook version:
@@ -506,16 +513,12 @@ struct AlignedBuffer {
   }
 };
 
-/// Per-thread scratch, kept between calls (a pool thread reuses its own).
+/// One thread's scratch (SearchWorkspace keeps one per thread).
 struct Workspace {
   AlignedBuffer packed, part;
   std::vector<float> xn2, best;
   std::vector<std::int32_t> arg;
 };
-inline Workspace& thread_workspace() {
-  static thread_local Workspace ws;
-  return ws;
-}
 
 /// The kernels' own code norms (code_norms' quantity: ||e||^2 for L2,
 /// 1/||e|| or 0 for cosine), each squared norm one FMA chain over d in
@@ -523,17 +526,16 @@ inline Workspace& thread_workspace() {
 /// bits whatever the compiler flags (a caller's cached norms are computed
 /// with its own flags, in Eigen's order), and a row equal to a code gets
 /// distance 0 exactly.
-VQKIT_K512_TARGET inline void kernel_norms(ConstMatrixRef<float> codes, bool cosine, Vector<float>& out) {
+VQKIT_K512_TARGET inline void kernel_norms(ConstMatrixRef<float> codes, bool cosine, Vector<float>& out,
+                                            AlignedBuffer* scratch_buf = nullptr) {
   const Index K = codes.rows(), D = codes.cols();
   out.resize(K);
-  std::unique_ptr<float[], decltype(&std::free)> scratch(
-      static_cast<float*>(std::aligned_alloc(64, std::size_t((MR * D + 15) / 16 * 16) * sizeof(float))),
-      &std::free);
-  if (!scratch) throw std::bad_alloc();
+  AlignedBuffer own;
+  float* scratch = (scratch_buf ? scratch_buf : &own)->get(MR * D);
   alignas(64) float n2[MR];
   for (Index k0 = 0; k0 < K; k0 += MR) {
     const Index rows = std::min<Index>(MR, K - k0);
-    pack_panel(codes.data() + k0 * codes.outerStride(), codes.outerStride(), rows, D, scratch.get(), n2);
+    pack_panel(codes.data() + k0 * codes.outerStride(), codes.outerStride(), rows, D, scratch, n2);
     for (Index r = 0; r < rows; ++r)
       out[k0 + r] = !cosine ? n2[r] : n2[r] > 0.f ? 1.f / std::sqrt(n2[r]) : 0.f;
   }
@@ -563,6 +565,20 @@ inline bool kernel_params(ConstMatrixRef<float> codes, const Vector<float>& norm
 }
 
 }  // namespace k512
+}  // namespace detail
+
+/// Scratch of the fp32 search kernel (see SearchMode::workspace): the
+/// kernel's code norms and parameters, and one block of packed rows and
+/// running results per thread. Buffers only grow.
+struct SearchWorkspace {
+  Vector<float> norms;
+  detail::k512::AlignedBuffer norm_scratch;
+  std::vector<float> param;
+  std::vector<std::int32_t> cidx;
+  std::vector<detail::k512::Workspace> threads;
+};
+
+namespace detail {
 
 /// The AVX-512 search (float). Returns false, having written nothing, when
 /// it does not apply (K >= 2^31, or a code whose squared norm is >= ~1e36);
@@ -572,18 +588,20 @@ VQKIT_K512_TARGET inline bool nearest_code_avx512(const cpu& be, ConstMatrixRef<
                                                   ConstMatrixRef<float> x,
                                 Eigen::Ref<IndexVector> indices, Vector<float>* distances,
                                 const SearchOptions& opt, const Vector<float>* norms,
-                                const k512::Blocking* blk_override = nullptr) {
+                                const k512::Blocking* blk_override = nullptr,
+                                SearchWorkspace* sws = nullptr) {
   using namespace k512;
   const Index K = codes.rows(), D = codes.cols(), N = x.rows();
   if (K >= Index(std::numeric_limits<std::int32_t>::max())) return false;
   const bool cosine = opt.metric == Metric::cosine;
+  SearchWorkspace own_ws;
+  SearchWorkspace& ws_all = sws ? *sws : own_ws;
   // The kernel's own norms, not the caller's: see kernel_norms.
-  Vector<float> knorms;
-  kernel_norms(codes, cosine, knorms);
+  kernel_norms(codes, cosine, ws_all.norms, &ws_all.norm_scratch);
   const Index Kp = (K + NC - 1) / NC * NC;
-  std::vector<float> param;
-  std::vector<std::int32_t> cidx;
-  if (!kernel_params(codes, knorms, cosine, param, cidx)) return false;
+  std::vector<float>& param = ws_all.param;
+  std::vector<std::int32_t>& cidx = ws_all.cidx;
+  if (!kernel_params(codes, ws_all.norms, cosine, param, cidx)) return false;
   Blocking bk = blk_override ? *blk_override : default_blocking(N, D, Kp, be.num_threads());
   bk.mc = std::max<Index>(MR, (bk.mc + MR - 1) / MR * MR);
   bk.kc = std::clamp<Index>(bk.kc, 1, D);
@@ -594,73 +612,92 @@ VQKIT_K512_TARGET inline bool nearest_code_avx512(const cpu& be, ConstMatrixRef<
   const Index ldc = codes.outerStride(), ldx = x.outerStride();
   if (distances) distances->resize(N);
 
-#pragma omp parallel num_threads(be.num_threads())
-  {
-    Workspace& ws = thread_workspace();
-    float* packed = ws.packed.get(bk.mc * D);
+  const int nthreads = be.num_threads();
+  if (ws_all.threads.size() < std::size_t(nthreads)) ws_all.threads.resize(std::size_t(nthreads));
+  // One thread's buffers (they only grow: no allocation once they fit).
+  const auto prepare = [&](Workspace& ws) {
+    ws.packed.get(bk.mc * D);
     // Partial sums of every (panel, code group) tile of a code block.
-    float* part = ws.part.get(chunks > 1 ? bk.mc * bk.kb : 16);
+    ws.part.get(chunks > 1 ? bk.mc * bk.kb : 16);
     ws.xn2.resize(bk.mc);
     ws.best.resize(bk.mc);
     ws.arg.resize(bk.mc);
-#pragma omp for schedule(dynamic, 1)
-    for (Index blk = 0; blk < blocks; ++blk) {
-      const Index i0 = blk * bk.mc, ni = std::min(bk.mc, N - i0), panels = (ni + MR - 1) / MR;
-      for (Index p = 0; p < panels; ++p)
-        pack_panel(x.data() + (i0 + p * MR) * ldx, ldx, std::min<Index>(MR, ni - p * MR), D,
-                   packed + p * MR * D, ws.xn2.data() + p * MR);
-      bool huge = false;
-      for (Index r = 0; r < ni; ++r) huge |= !(ws.xn2[r] < kHuge);
-      if (huge) {  // rare: squared norms near float's range; the generic path skips NaN scores
-        Vector<float> dist;
-        auto seg = indices.segment(i0, ni);
-        detail::nearest_code_gemm_tiles<float>(cpu{1}, codes, x.middleRows(i0, ni), seg, &dist,
-                                               opt, norms);
-        if (distances) distances->segment(i0, ni) = dist;
-        continue;
-      }
-      std::fill(ws.best.begin(), ws.best.end(), -std::numeric_limits<float>::infinity());
-      std::fill(ws.arg.begin(), ws.arg.end(), 0);
-      const float* c[NC];
-      for (Index kb0 = 0; kb0 < Kp; kb0 += bk.kb) {
-        const Index groups = std::min(bk.kb, Kp - kb0) / NC;
-        for (Index ch = 0; ch < chunks; ++ch) {
-          const Index d0 = ch * bk.kc, len = std::min(bk.kc, D - d0);
-          const bool first = ch == 0, last = ch + 1 == chunks;
-          for (Index p = 0; p < panels; ++p) {
-            const float* a = packed + p * MR * D + d0 * MR;
-            float* bp = ws.best.data() + p * MR;
-            std::int32_t* ap = ws.arg.data() + p * MR;
-            for (Index g = 0; g < groups; ++g) {
-              const Index k0 = kb0 + g * NC;
-              for (int j = 0; j < NC; ++j) c[j] = cbase + Index(cidx[k0 + j]) * ldc + d0;
-              float* pt = part + (p * (bk.kb / NC) + g) * (MR * NC);
-              const float* pp = param.data() + k0;
-              const std::int32_t* ip = cidx.data() + k0;
+  };
+  // One block of bk.mc rows.
+  const auto search_block = [&](Workspace& ws, Index blk) VQKIT_K512_TARGET {
+    float* packed = ws.packed.p.get();
+    float* part = ws.part.p.get();
+    const Index i0 = blk * bk.mc, ni = std::min(bk.mc, N - i0), panels = (ni + MR - 1) / MR;
+    for (Index p = 0; p < panels; ++p)
+      pack_panel(x.data() + (i0 + p * MR) * ldx, ldx, std::min<Index>(MR, ni - p * MR), D,
+                 packed + p * MR * D, ws.xn2.data() + p * MR);
+    bool huge = false;
+    for (Index r = 0; r < ni; ++r) huge |= !(ws.xn2[r] < kHuge);
+    if (huge) {  // rare: squared norms near float's range; the generic path skips NaN scores
+      Vector<float> dist;
+      auto seg = indices.segment(i0, ni);
+      detail::nearest_code_gemm_tiles<float>(cpu{1}, codes, x.middleRows(i0, ni), seg, &dist,
+                                             opt, norms);
+      if (distances) distances->segment(i0, ni) = dist;
+      return;
+    }
+    std::fill(ws.best.begin(), ws.best.end(), -std::numeric_limits<float>::infinity());
+    std::fill(ws.arg.begin(), ws.arg.end(), 0);
+    const float* c[NC];
+    for (Index kb0 = 0; kb0 < Kp; kb0 += bk.kb) {
+      const Index groups = std::min(bk.kb, Kp - kb0) / NC;
+      for (Index ch = 0; ch < chunks; ++ch) {
+        const Index d0 = ch * bk.kc, len = std::min(bk.kc, D - d0);
+        const bool first = ch == 0, last = ch + 1 == chunks;
+        for (Index p = 0; p < panels; ++p) {
+          const float* a = packed + p * MR * D + d0 * MR;
+          float* bp = ws.best.data() + p * MR;
+          std::int32_t* ap = ws.arg.data() + p * MR;
+          for (Index g = 0; g < groups; ++g) {
+            const Index k0 = kb0 + g * NC;
+            for (int j = 0; j < NC; ++j) c[j] = cbase + Index(cidx[k0 + j]) * ldc + d0;
+            float* pt = part + (p * (bk.kb / NC) + g) * (MR * NC);
+            const float* pp = param.data() + k0;
+            const std::int32_t* ip = cidx.data() + k0;
 #define VQKIT_K512_CALL(L, F)                                          \
-  (cosine ? micro_tile<true, L, F>(a, c, len, pt, pp, ip, bp, ap)     \
-          : micro_tile<false, L, F>(a, c, len, pt, pp, ip, bp, ap))
-              if (first && last) VQKIT_K512_CALL(false, true);
-              else if (first) VQKIT_K512_CALL(false, false);
-              else if (last) VQKIT_K512_CALL(true, true);
-              else VQKIT_K512_CALL(true, false);
+(cosine ? micro_tile<true, L, F>(a, c, len, pt, pp, ip, bp, ap)     \
+        : micro_tile<false, L, F>(a, c, len, pt, pp, ip, bp, ap))
+            if (first && last) VQKIT_K512_CALL(false, true);
+            else if (first) VQKIT_K512_CALL(false, false);
+            else if (last) VQKIT_K512_CALL(true, true);
+            else VQKIT_K512_CALL(true, false);
 #undef VQKIT_K512_CALL
-            }
-          }
-        }
-      }
-      for (Index r = 0; r < ni; ++r) {
-        indices[i0 + r] = ws.arg[r];
-        if (distances) {
-          if (cosine) {
-            const float xn = std::sqrt(ws.xn2[r]);
-            (*distances)[i0 + r] = xn > 0.f ? 1.f - ws.best[r] / xn : 1.f;
-          } else {
-            (*distances)[i0 + r] = std::max(0.f, ws.xn2[r] - 2.f * ws.best[r]);
           }
         }
       }
     }
+    for (Index r = 0; r < ni; ++r) {
+      indices[i0 + r] = ws.arg[r];
+      if (distances) {
+        if (cosine) {
+          const float xn = std::sqrt(ws.xn2[r]);
+          (*distances)[i0 + r] = xn > 0.f ? 1.f - ws.best[r] / xn : 1.f;
+        } else {
+          (*distances)[i0 + r] = std::max(0.f, ws.xn2[r] - 2.f * ws.best[r]);
+        }
+      }
+    }
+  };
+  if (nthreads > 1) {
+#pragma omp parallel num_threads(nthreads)
+    {
+#ifdef _OPENMP
+      Workspace& ws = ws_all.threads[std::size_t(omp_get_thread_num())];
+#else
+      Workspace& ws = ws_all.threads[0];
+#endif
+      prepare(ws);
+#pragma omp for schedule(dynamic, 1)
+      for (Index blk = 0; blk < blocks; ++blk) search_block(ws, blk);
+    }
+  } else {  // no OpenMP call at all (see parallel_for in core/backend.hpp)
+    prepare(ws_all.threads[0]);
+    for (Index blk = 0; blk < blocks; ++blk) search_block(ws_all.threads[0], blk);
   }
   return true;
 }
@@ -669,6 +706,11 @@ VQKIT_K512_TARGET inline bool nearest_code_avx512(const cpu& be, ConstMatrixRef<
 #endif
 #endif  // VQKIT_K512
 
+}  // namespace detail
+#if !VQKIT_K512
+struct SearchWorkspace {};  // the generic path keeps nothing between calls
+#endif
+namespace detail {
 
 #if VQKIT_BF16_KERNEL
 /// The bf16 search with exact re-rank (nearest_code_bf16.hpp). Returns false,
@@ -707,7 +749,7 @@ void nearest_code_unchecked(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixR
           return;
         }
       }
-      if (nearest_code_avx512(be, codes, x, indices, distances, opt, norms)) {
+      if (nearest_code_avx512(be, codes, x, indices, distances, opt, norms, nullptr, mode.workspace)) {
         if (mode.stats) mode.stats->kernel = "avx512";
         return;
       }

@@ -1,0 +1,125 @@
+// A steady training or eval step of VectorQuantizer<float> makes no heap
+// allocation (issue 12): this program replaces the C allocator's entry
+// points (glibc: malloc, calloc, realloc, memalign, posix_memalign,
+// aligned_alloc; operator new and Eigen both end in them) with counting
+// wrappers, and counts what a step does after warm-up steps. Not built in
+// sanitizer builds (ASan owns the allocator there).
+#include <catch2/catch.hpp>
+
+#include <atomic>
+#include <cerrno>
+#include <cstddef>
+#include <cstdlib>
+#include <vqkit/layers/vector_quantizer.hpp>
+
+#include "test_util.hpp"
+
+extern "C" {
+void* __libc_malloc(std::size_t);
+void* __libc_calloc(std::size_t, std::size_t);
+void* __libc_realloc(void*, std::size_t);
+void* __libc_memalign(std::size_t, std::size_t);
+}
+
+namespace {
+std::atomic<long> g_allocs{0};
+std::atomic<bool> g_counting{false};
+/// A counted allocation (break here in a debugger to find its caller).
+__attribute__((noinline)) void counted_allocation() { g_allocs.fetch_add(1, std::memory_order_relaxed); }
+inline void count() {
+  if (g_counting.load(std::memory_order_relaxed)) counted_allocation();
+}
+}  // namespace
+
+extern "C" {
+void* malloc(std::size_t n) {
+  count();
+  return __libc_malloc(n);
+}
+void* calloc(std::size_t a, std::size_t b) {
+  count();
+  return __libc_calloc(a, b);
+}
+void* realloc(void* p, std::size_t n) {
+  count();
+  return __libc_realloc(p, n);
+}
+void* memalign(std::size_t a, std::size_t n) {
+  count();
+  return __libc_memalign(a, n);
+}
+void* aligned_alloc(std::size_t a, std::size_t n) {
+  count();
+  return __libc_memalign(a, n);
+}
+int posix_memalign(void** out, std::size_t a, std::size_t n) {
+  count();
+  void* p = __libc_memalign(a, n);
+  if (!p) return ENOMEM;
+  *out = p;
+  return 0;
+}
+}
+
+using namespace vqkit;
+
+namespace {
+
+/// Heap allocations made by f.
+template <class F>
+long allocations(F&& f) {
+  g_allocs = 0;
+  g_counting = true;
+  f();
+  g_counting = false;
+  return g_allocs.load();
+}
+
+}  // namespace
+
+TEST_CASE("the counter sees allocations (the test can fail)", "[alloc]") {
+  CHECK(allocations([] { RowMatrix<float> m(100, 100); m.setZero(); }) >= 1);
+  CHECK(allocations([] { std::vector<int> v(1000, 1); }) >= 1);
+}
+
+TEST_CASE("a steady VectorQuantizer<float> step makes no heap allocation", "[alloc][vq]") {
+  if (!avx512_search_supported()) {
+    WARN("no AVX-512F: the generic search path allocates its tiles per call");
+    return;
+  }
+  for (const int threads : {1, 2}) {
+    for (const auto update : {CodebookUpdate::ema, CodebookUpdate::gradient}) {
+      INFO("threads " << threads << ", update " << to_string(update));
+      VectorQuantizerConfig cfg;
+      cfg.codebook_size = 256;
+      cfg.dim = 64;
+      cfg.update = update;
+      cfg.memory_bank_size = 2048;  // init at step 1, refine when full (step 4)
+      VectorQuantizer<float> vq(cfg, cpu{threads});
+      const Index N = 512;
+      std::vector<RowMatrix<float>> batches;
+      for (int s = 0; s < 10; ++s) batches.push_back(test::gaussian<float>(N, 64, std::uint64_t(100 + s)));
+      const RowMatrix<float> dq = test::gaussian<float>(N, 64, 7);
+      RowMatrix<float> q, dx;
+      VectorQuantizer<float>::Context ctx;
+      for (int s = 0; s < 5; ++s) {  // warm-up: k-means init and refine happen here
+        vq.forward(batches[std::size_t(s)], q, ctx);
+        vq.backward(ctx, dq, &dx);
+      }
+      REQUIRE(vq.init_refined());
+      for (int s = 5; s < 10; ++s) {
+        const long n = allocations([&] {
+          vq.forward(batches[std::size_t(s)], q, ctx);
+          vq.backward(ctx, dq, &dx);
+        });
+        CHECK(n == 0);
+        CHECK_FALSE(ctx.data_initialized);
+        CHECK(ctx.metrics.usage > 0);
+      }
+      vq.eval();
+      CHECK(allocations([&] { vq.forward(batches[0], q, ctx); }) == 0);
+      // The allocating form, for contrast: it builds a new context.
+      CHECK(allocations([&] { auto c = vq.forward(batches[1], q); }) > 0);
+    }
+  }
+}
