@@ -11,7 +11,9 @@
 // within the float rounding of the search (see docs/performance.md), else a
 // real error.
 // k-means: vqkit::kmeans (random-row init, plain Lloyd, as FAISS) versus
-// faiss::Clustering over IndexFlatL2, 10 iterations each, alternating.
+// faiss::Clustering over IndexFlatL2, 10 iterations each, and the quantizer
+// layer's training step that runs its k-means init over a bank of the same
+// rows (batched k-means++ seeding + 10 iterations), alternating.
 //
 //   compare_faiss [--threads=2] [--reps=5] [--quick] [--no-random] [--no-real]
 //                 [--no-kmeans] [--cosine] [--data=DIR]
@@ -197,13 +199,34 @@ void compare_kmeans(const Args& a, Index n, Index k, Index D, double peak) {
     c.train(n, x.data(), index);
     f_obj = c.iteration_stats.back().obj;
   };
-  const auto t = vb::alternate({run_vq, run_faiss}, std::max(1, a.reps / 2));
+  // The quantizer layer's k-means (re)init as a user meets it: one training
+  // step whose batch fills a bank of n rows, so the k-means (batched
+  // k-means++ seeding, 10 Lloyd iterations, min_cluster_fraction 0.5) runs
+  // over those n rows; the step also searches and EMA-updates the n rows.
+  // This is the cost of the layer's refine step over a bank of n rows (and of
+  // its first-step init when init_min_rows = n).
+  VectorQuantizerConfig vc;
+  vc.codebook_size = k;
+  vc.dim = D;
+  vc.memory_bank_size = n;
+  vc.init_min_rows = n;
+  auto run_layer = [&] {
+    VectorQuantizer<float> vq(vc, cpu{a.threads});
+    RowMatrix<float> q;
+    const auto ctx = vq.forward(x, q);
+    if (!ctx.data_initialized) std::fprintf(stderr, "compare_faiss: the layer did not initialise\n");
+  };
+  const auto t = vb::alternate({run_vq, run_faiss, run_layer}, std::max(1, a.reps / 2));
   // vqkit assigns iterations + 1 times (the last gives the final counts and
   // inertia), FAISS iterations times; GFLOP/s count each one's own searches.
   const double fl = vb::search_flops(n, k, D);
   print_row("kmeans10 (11 searches)", n, k, D, "vqkit", t[0], &t[1], fl * (iters + 1), peak, a.threads);
   print_row("kmeans10 (10 searches)", n, k, D, "faiss::Clustering", t[1], nullptr, fl * iters, peak,
             a.threads);
+  print_row("layer step: k-means++ init + 10 it. over the bank", n, k, D, "VectorQuantizer", t[2], &t[1],
+            fl * (iters + 3), peak, a.threads);
+  std::printf("|   layer step / vqkit kmeans10 (median of per-round ratios): %.2fx |\n",
+              vb::median_ratio(t[2].wall, t[0].wall));
   std::printf("|   kmeans %lld x %lld x %lld: final inertia vqkit %.6g, faiss objective %.6g |\n",
               (long long)n, (long long)k, (long long)D, vq_inertia, f_obj);
   std::fflush(stdout);

@@ -39,6 +39,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #include "vqkit/core/backend.hpp"
 #include "vqkit/core/check.hpp"
@@ -193,7 +194,7 @@ class VectorQuantizer {
     ctx.training = training_;
     ctx.data_initialized = ctx.reinitialized = ctx.skipped = false;
     ctx.replaced = 0;
-    if (cfg_.non_finite == NonFinitePolicy::skip && !(all_finite && detail::all_finite(x, &backend_))) {
+    if (cfg_.non_finite == NonFinitePolicy::skip && !(all_finite && detail::all_finite(x))) {
       if (training_) ++skipped_;  // eval mode changes nothing, not even this count
       ctx.skipped = true;
       ctx.indices.resize(0);
@@ -201,7 +202,7 @@ class VectorQuantizer {
       quantized.resize(0, cfg_.dim);
       return;
     }
-    detail::require_finite(x, where, "x", &backend_);
+    detail::require_finite(x, where, "x");
     const Index N = x.rows(), K = cfg_.codebook_size;
     Index rows = N;  // rows of the whole batch (over every rank)
     if (training_) {
@@ -222,10 +223,14 @@ class VectorQuantizer {
     ctx.indices.resize(N);
     SearchOptions search = cfg_.search;
     search.metric = cfg_.metric;
-    SearchMode mode;
-    mode.precision = cfg_.search_precision;
-    mode.workspace = &search_ws_;
-    nearest_code<T>(backend_, codes_, x, ctx.indices, nullptr, search, nullptr, mode);
+    if constexpr (std::is_same_v<Backend, cpu>) {
+      SearchMode mode;
+      mode.precision = cfg_.search_precision;
+      mode.workspace = &search_ws_;
+      nearest_code<T>(backend_, codes_, x, ctx.indices, nullptr, search, nullptr, mode);
+    } else {  // (the CUDA backend's precision is a property of the backend object)
+      nearest_code<T>(backend_, codes_, x, ctx.indices, nullptr, search);
+    }
     quantized.resize(N, cfg_.dim);
     for (Index i = 0; i < N; ++i) quantized.row(i) = codes_.row(ctx.indices[i]);
     ctx.residual.resize(N, cfg_.dim);
@@ -234,7 +239,10 @@ class VectorQuantizer {
 
     Vector<T>& counts = stats_.counts;
     if (training_ && cfg_.update == CodebookUpdate::ema) {
-      cluster_stats<T>(backend_, x, ctx.indices, K, stats_, stats_ws_);
+      if constexpr (std::is_same_v<Backend, cpu>)
+        cluster_stats<T>(backend_, x, ctx.indices, K, stats_, stats_ws_);
+      else
+        stats_ = cluster_stats<T>(backend_, x, ctx.indices, K);
       if (dp_) dp_->all_reduce(stats_);  // the whole batch's counts and sums
       ema_update<T>(backend_, ema_, stats_, cfg_.ema, codes_);
     } else {

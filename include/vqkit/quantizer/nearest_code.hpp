@@ -292,6 +292,49 @@ void nearest_code_gemm_tiles(const cpu& be, ConstMatrixRef<T> codes, ConstMatrix
   }
 }
 
+// The fp32 kernel's scratch types: defined in every translation unit
+// alike (also where the kernel is not compiled), so SearchWorkspace, a
+// member of the quantizer layer, has one layout everywhere.
+namespace k512 {
+
+/// A 64-byte aligned float buffer that only grows.
+struct AlignedBuffer {
+  std::unique_ptr<float[], decltype(&std::free)> p{nullptr, &std::free};
+  Index size = 0;
+  float* get(Index n) {
+    if (n > size) {
+      const std::size_t bytes = std::size_t((n + 15) / 16 * 16) * sizeof(float);
+      p.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+      if (!p) throw std::bad_alloc();
+      size = n;
+    }
+    return p.get();
+  }
+};
+
+/// One thread's scratch (SearchWorkspace keeps one per thread).
+struct Workspace {
+  AlignedBuffer packed, part;
+  std::vector<float> xn2, best;
+  std::vector<std::int32_t> arg;
+};
+
+}  // namespace k512
+}  // namespace detail
+
+/// Scratch of the fp32 search kernel (see SearchMode::workspace): the
+/// kernel's code norms and parameters, and one block of packed rows and
+/// running results per thread. Buffers only grow.
+struct SearchWorkspace {
+  Vector<float> norms;
+  detail::k512::AlignedBuffer norm_scratch;
+  std::vector<float> param;
+  std::vector<std::int32_t> cidx;
+  std::vector<detail::k512::Workspace> threads;
+};
+
+namespace detail {
+
 #if VQKIT_K512
 // GCC 12's own avx512fintrin.h trips -W(maybe-)uninitialized on every
 // _mm512_undefined_* (GCC bug 105593, fixed in 13); a consumer's -Wall
@@ -498,27 +541,7 @@ inline Blocking default_blocking(Index N, Index D, Index Kp, int threads) {
   return b;
 }
 
-/// A 64-byte aligned float buffer that only grows.
-struct AlignedBuffer {
-  std::unique_ptr<float[], decltype(&std::free)> p{nullptr, &std::free};
-  Index size = 0;
-  float* get(Index n) {
-    if (n > size) {
-      const std::size_t bytes = std::size_t((n + 15) / 16 * 16) * sizeof(float);
-      p.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
-      if (!p) throw std::bad_alloc();
-      size = n;
-    }
-    return p.get();
-  }
-};
 
-/// One thread's scratch (SearchWorkspace keeps one per thread).
-struct Workspace {
-  AlignedBuffer packed, part;
-  std::vector<float> xn2, best;
-  std::vector<std::int32_t> arg;
-};
 
 /// The kernels' own code norms (code_norms' quantity: ||e||^2 for L2,
 /// 1/||e|| or 0 for cosine), each squared norm one FMA chain over d in
@@ -565,20 +588,6 @@ inline bool kernel_params(ConstMatrixRef<float> codes, const Vector<float>& norm
 }
 
 }  // namespace k512
-}  // namespace detail
-
-/// Scratch of the fp32 search kernel (see SearchMode::workspace): the
-/// kernel's code norms and parameters, and one block of packed rows and
-/// running results per thread. Buffers only grow.
-struct SearchWorkspace {
-  Vector<float> norms;
-  detail::k512::AlignedBuffer norm_scratch;
-  std::vector<float> param;
-  std::vector<std::int32_t> cidx;
-  std::vector<detail::k512::Workspace> threads;
-};
-
-namespace detail {
 
 /// The AVX-512 search (float). Returns false, having written nothing, when
 /// it does not apply (K >= 2^31, or a code whose squared norm is >= ~1e36);
@@ -706,11 +715,6 @@ VQKIT_K512_TARGET inline bool nearest_code_avx512(const cpu& be, ConstMatrixRef<
 #endif
 #endif  // VQKIT_K512
 
-}  // namespace detail
-#if !VQKIT_K512
-struct SearchWorkspace {};  // the generic path keeps nothing between calls
-#endif
-namespace detail {
 
 #if VQKIT_BF16_KERNEL
 /// The bf16 search with exact re-rank (nearest_code_bf16.hpp). Returns false,
