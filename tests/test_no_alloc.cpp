@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstddef>
 #include <cstdlib>
+#include <vqkit/layers/quantizer_block.hpp>
 #include <vqkit/layers/vector_quantizer.hpp>
 
 #include "test_util.hpp"
@@ -122,4 +123,41 @@ TEST_CASE("a steady VectorQuantizer<float> step makes no heap allocation", "[all
       CHECK(allocations([&] { auto c = vq.forward(batches[1], q); }) > 0);
     }
   }
+}
+
+TEST_CASE("a steady QuantizerBlock step allocates only in the Linear layers' GEMMs", "[alloc][block]") {
+  // Eigen's GEMM allocates its packing buffers on every call (six GEMMs per
+  // step); everything else reuses the context and the block's buffers.
+  if (!avx512_search_supported()) {
+    WARN("no AVX-512F: the generic search path allocates its tiles per call");
+    return;
+  }
+  QuantizerBlockConfig cfg;
+  cfg.dim = 32;
+  cfg.quantizer.codebook_size = 128;
+  cfg.quantizer.dim = 64;
+  cfg.quantizer.memory_bank_size = 1024;
+  QuantizerBlock<float> block(cfg, cpu{1});
+  const Index N = 256;
+  const RowMatrix<float> dy = test::gaussian<float>(N, 32, 9);
+  RowMatrix<float> y, dx;
+  QuantizerBlock<float>::Context ctx;
+  for (int s = 0; s < 6; ++s) {
+    const RowMatrix<float> x = test::gaussian<float>(N, 32, std::uint64_t(200 + s));
+    block.forward(x, y, ctx);
+    block.backward(ctx, dy, &dx);
+  }
+  REQUIRE(block.quantizer.init_refined());
+  const RowMatrix<float> x = test::gaussian<float>(N, 32, 300);
+  const long reused = allocations([&] {
+    block.forward(x, y, ctx);
+    block.backward(ctx, dy, &dx);
+  });
+  const long fresh = allocations([&] {
+    auto c = block.forward(x, y);
+    block.backward(c, dy, &dx);
+  });
+  INFO("allocations: reused context " << reused << ", fresh context " << fresh);
+  CHECK(reused <= 12);  // at most two packing buffers per GEMM
+  CHECK(fresh >= reused + 6);  // the fresh contexts (inputs, statistics, indices, residual)
 }

@@ -50,10 +50,15 @@ class Gelu {
   /// x: (N, C). Resizes and fills y (N, C); y may be the same matrix as x.
   Context forward(ConstMatrixRef<T> x, RowMatrix<T>& y) const {
     Context ctx;
+    forward(x, y, ctx);
+    return ctx;
+  }
+
+  /// The same into a context whose buffer is reused.
+  void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, Context& ctx) const {
     ctx.input = x;  // copied first, so y may alias x
     y.resize(ctx.input.rows(), ctx.input.cols());
     y = ctx.input.unaryExpr([](T v) { return value(v); });
-    return ctx;
   }
 
   /// dy: (N, C), the shape of the forward input. If dx is given, overwrites

@@ -62,19 +62,28 @@ class LayerNorm {
 
   /// x: (N, C). Resizes and fills y (N, C); y may be the same matrix as x.
   Context forward(ConstMatrixRef<T> x, RowMatrix<T>& y) const {
+    Context ctx;
+    forward(x, y, ctx);
+    return ctx;
+  }
+
+  /// The same into a context whose buffers are reused (no allocation once
+  /// they have the batch's size).
+  void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, Context& ctx) const {
     check_state("LayerNorm::forward");
     VQKIT_REQUIRE(x.cols() == dim_, "LayerNorm::forward", "x has ", x.cols(),
                   " columns, expected dim=", dim_);
-    Context ctx;
     ctx.input = x;  // copied first, so y may alias x
     const RowMatrix<T>& in = ctx.input;
-    ctx.mean = in.rowwise().mean();                                      // (N)
-    ctx.rstd = ((in.colwise() - ctx.mean).array().square().rowwise().mean() + eps_).rsqrt();
+    ctx.mean.resize(in.rows());
+    ctx.mean.noalias() = in.rowwise().mean();                            // (N)
+    ctx.rstd.resize(in.rows());
+    ctx.rstd.noalias() =
+        ((in.colwise() - ctx.mean).array().square().rowwise().mean() + eps_).rsqrt().matrix();
     y.resize(in.rows(), dim_);
     y.array() = (((in.colwise() - ctx.mean).array().colwise() * ctx.rstd.array())  // xhat
                      .rowwise() * weight.row(0).array())
                     .rowwise() + bias.row(0).array();
-    return ctx;
   }
 
   /// dy: (N, C). Accumulates weight_grad / bias_grad; if dx is given,
@@ -90,15 +99,20 @@ class LayerNorm {
     VQKIT_REQUIRE(dy.rows() == n && dy.cols() == dim_, "LayerNorm::backward", "dy is ",
                   dy.rows(), "x", dy.cols(), ", expected ", n, "x", dim_,
                   " (N from the forward input, dim=", dim_, ")");
-    // xhat (N, C), recomputed from the saved statistics.
-    const RowMatrix<T> xhat =
-        (ctx.input.colwise() - ctx.mean).array().colwise() * ctx.rstd.array();
+    // xhat (N, C), recomputed from the saved statistics (into the layer's
+    // scratch: no allocation once it has the batch's size).
+    RowMatrix<T>& xhat = xhat_;
+    xhat.resize(n, dim_);
+    xhat.array() = (ctx.input.colwise() - ctx.mean).array().colwise() * ctx.rstd.array();
     const auto dxhat = dy.array().rowwise() * weight.row(0).array();  // (N, C), lazy
     // Row statistics first, so that dx may overwrite dy below.
-    Vector<T> m1, m2;
+    Vector<T>& m1 = m1_;
+    Vector<T>& m2 = m2_;
     if (dx != nullptr) {
-      m1 = dxhat.rowwise().mean();                    // mean_c(dxhat)        (N)
-      m2 = (dxhat * xhat.array()).rowwise().mean();   // mean_c(dxhat * xhat) (N)
+      m1.resize(n);
+      m2.resize(n);
+      m1.array() = dxhat.rowwise().mean();                    // mean_c(dxhat)        (N)
+      m2.array() = (dxhat * xhat.array()).rowwise().mean();   // mean_c(dxhat * xhat) (N)
     }
     weight_grad.array() += (dy.array() * xhat.array()).colwise().sum();
     bias_grad += dy.colwise().sum();
@@ -150,6 +164,10 @@ class LayerNorm {
       VQKIT_REQUIRE(tensors[i]->rows() == 1 && tensors[i]->cols() == dim_, where, names[i],
                     " is ", tensors[i]->rows(), "x", tensors[i]->cols(), ", expected 1x", dim_);
   }
+
+  // backward's scratch, kept between calls (no state).
+  RowMatrix<T> xhat_;
+  Vector<T> m1_, m2_;
 };
 
 }  // namespace vqkit

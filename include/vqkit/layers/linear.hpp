@@ -70,15 +70,21 @@ class Linear {
 
   /// x: (N, C). Resizes and fills y (N, OC); y may be the same matrix as x.
   Context forward(ConstMatrixRef<T> x, RowMatrix<T>& y) const {
+    Context ctx;
+    forward(x, y, ctx);
+    return ctx;
+  }
+
+  /// The same into a context whose buffer is reused (the GEMM itself may
+  /// still allocate Eigen's packing buffers).
+  void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, Context& ctx) const {
     check_state("Linear::forward");
     VQKIT_REQUIRE(x.cols() == in_, "Linear::forward", "x has ", x.cols(),
                   " columns, expected in_features=", in_);
-    Context ctx;
     ctx.input = x;  // copied first, so y may alias x
     y.resize(ctx.input.rows(), out_);
     y.noalias() = ctx.input * weight.transpose();  // (N,C) x (C,OC)
     if (has_bias_) y.rowwise() += bias.row(0);
-    return ctx;
   }
 
   /// dy: (N, OC). Accumulates weight_grad / bias_grad; if dx is given,

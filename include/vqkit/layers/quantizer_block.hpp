@@ -47,23 +47,28 @@ class QuantizerBlock {
 
   Context forward(ConstMatrixRef<T> x, RowMatrix<T>& y) {
     Context c;
-    RowMatrix<T> a, b;
-    c.norm = norm.forward(x, a);
-    c.act = act.forward(a, b);
-    c.proj_in = proj_in.forward(b, a);
-    c.vq = quantizer.forward(a, b);
-    c.proj_out = proj_out.forward(b, y);
+    forward(x, y, c);
     return c;
+  }
+
+  /// The same into a context whose buffers are reused, with the block's
+  /// own intermediate buffers: after a step of the same size, only the
+  /// Linear layers' GEMMs (Eigen's packing buffers) allocate.
+  void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, Context& c) {
+    norm.forward(x, wide_[0], c.norm);
+    act.forward(wide_[0], wide_[1], c.act);
+    proj_in.forward(wide_[1], code_[0], c.proj_in);
+    quantizer.forward(code_[0], code_[1], c.vq);
+    proj_out.forward(code_[1], y, c.proj_out);
   }
 
   /// dy: N x dim. Overwrites *dx (N x dim) when non-null.
   void backward(const Context& c, ConstMatrixRef<T> dy, RowMatrix<T>* dx) {
-    RowMatrix<T> a, b;
-    proj_out.backward(c.proj_out, dy, &a);
-    quantizer.backward(c.vq, a, &b);
-    proj_in.backward(c.proj_in, b, &a);
-    act.backward(c.act, a, &b);
-    norm.backward(c.norm, b, dx);
+    proj_out.backward(c.proj_out, dy, &code_[0]);
+    quantizer.backward(c.vq, code_[0], &code_[1]);
+    proj_in.backward(c.proj_in, code_[1], &wide_[0]);
+    act.backward(c.act, wide_[0], &wide_[1]);
+    norm.backward(c.norm, wide_[1], dx);
   }
 
   void train(bool on = true) { quantizer.train(on); }
@@ -91,6 +96,10 @@ class QuantizerBlock {
   Linear<T, Backend> proj_out;
 
  private:
+  // Intermediate activations and gradients, reused between steps: N x dim
+  // and N x codebook dim (one shape each, so a steady step never resizes).
+  RowMatrix<T> wide_[2], code_[2];
+
   QuantizerBlock(const QuantizerBlockConfig& cfg, Backend backend, Rng rng)
       : norm(cfg.dim, T(1e-5), backend),
         act(backend),
