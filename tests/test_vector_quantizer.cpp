@@ -367,3 +367,31 @@ TEST_CASE("the cosine metric picks the code of largest cosine", "[vq]") {
   CHECK(ctx.indices == ref.indices);
   CHECK(ctx.indices != l2.indices);
 }
+
+TEST_CASE("forward with a reused context: a rejected batch leaves the context as it was", "[vq][errors]") {
+  auto cfg = small_config();
+  VectorQuantizer<float> vq(cfg);
+  RowMatrix<float> q;
+  VectorQuantizer<float>::Context ctx;
+  vq.forward(test::gaussian<float>(50, cfg.dim, 1), q, ctx);
+  const IndexVector indices = ctx.indices;
+  const RowMatrix<float> residual = ctx.residual;
+  const double loss = ctx.loss.total;
+  RowMatrix<float> bad = test::gaussian<float>(50, cfg.dim, 2);
+  bad(7, 1) = std::numeric_limits<float>::infinity();
+  CHECK_THROWS_WITH(vq.forward(bad, q, ctx), Catch::Contains("row 7, column 1"));
+  CHECK(ctx.indices == indices);
+  CHECK(ctx.residual == residual);
+  CHECK(ctx.loss.total == loss);
+  // And a good batch after it matches the allocating form.
+  VectorQuantizer<float> twin(cfg);
+  twin.forward(test::gaussian<float>(50, cfg.dim, 1), q);
+  const RowMatrix<float> x = test::gaussian<float>(50, cfg.dim, 3);
+  vq.forward(x, q, ctx);
+  RowMatrix<float> q2;
+  const auto c2 = twin.forward(x, q2);
+  CHECK(ctx.indices == c2.indices);
+  CHECK(ctx.residual == c2.residual);
+  CHECK(q == q2);
+  CHECK(vq.codebook() == twin.codebook());
+}

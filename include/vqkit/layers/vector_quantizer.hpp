@@ -189,6 +189,8 @@ class VectorQuantizer {
             ? dp_->begin_step(x, cfg_.dim, cfg_.non_finite == NonFinitePolicy::reject, where)
             : true;
     detail::require_batch(x, cfg_.dim, where, "x");
+    // A rejected batch leaves ctx untouched, like the layer.
+    if (cfg_.non_finite == NonFinitePolicy::reject) detail::require_finite(x, where, "x");
     ctx.loss = VqLoss{};
     ctx.metrics = CodebookMetrics{};
     ctx.training = training_;
@@ -202,7 +204,6 @@ class VectorQuantizer {
       quantized.resize(0, cfg_.dim);
       return;
     }
-    detail::require_finite(x, where, "x");
     const Index N = x.rows(), K = cfg_.codebook_size;
     Index rows = N;  // rows of the whole batch (over every rank)
     if (training_) {
