@@ -8,7 +8,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install_deps.sh
-packages=(libfaiss-dev libopenblas0-openmp)
+# python3-torch: the PyTorch seed block of tools/compare_step.py (Debian 12: 1.13).
+packages=(libfaiss-dev libopenblas0-openmp python3-torch)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
