@@ -69,6 +69,7 @@
 #include <cmath>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <system_error>
 #include <type_traits>
@@ -159,6 +160,16 @@ void visit_config(Config& c, F&& f) {
 inline const char* legacy_default(const std::string& key) {
   if (key == "search_precision") return "fp32";
   return nullptr;
+}
+
+/// The stored value of a config key, or its legacy default when a
+/// checkpoint written before the key lacks it; nullopt when it is missing.
+inline std::optional<std::string> stored_value(const std::map<std::string, std::string>& metadata,
+                                               const std::string& key) {
+  const auto it = metadata.find(key);
+  if (it != metadata.end()) return it->second;
+  if (const char* legacy = legacy_default(key)) return std::string(legacy);
+  return std::nullopt;
 }
 
 template <class E>
@@ -416,12 +427,10 @@ inline void check_config(const safetensors::File& f, const VectorQuantizerConfig
   visit_config(cfg, [&](const char* key, const auto& mine) {
     using V = std::decay_t<decltype(mine)>;
     const std::string mine_s = format_value(mine);
-    const auto it = f.metadata.find(key);
-    const char* legacy = legacy_default(key);
-    VQKIT_REQUIRE(it != f.metadata.end() || legacy != nullptr, where.c_str(),
-                  "the checkpoint's metadata lacks the config key '", key,
-                  "' (this quantizer has ", mine_s, ")");
-    const std::string raw = it != f.metadata.end() ? it->second : std::string(legacy);
+    const auto stored = stored_value(f.metadata, key);
+    VQKIT_REQUIRE(stored.has_value(), where.c_str(), "the checkpoint's metadata lacks the config key '",
+                  key, "' (this quantizer has ", mine_s, ")");
+    const std::string& raw = *stored;
     if (raw == mine_s) return;
     V theirs{};
     const bool same = parse_value(raw, theirs) && format_value(theirs) == mine_s;
@@ -523,11 +532,9 @@ inline VectorQuantizerConfig config_from_metadata(
   VectorQuantizerConfig cfg;
   detail::ckpt::visit_config(cfg, [&](const char* key, auto& field) {
     using V = std::decay_t<decltype(field)>;
-    const auto it = metadata.find(key);
-    const char* legacy = detail::ckpt::legacy_default(key);
-    VQKIT_REQUIRE(it != metadata.end() || legacy != nullptr, where,
-                  "the metadata lacks the config key '", key, "'");
-    const std::string raw = it != metadata.end() ? it->second : std::string(legacy);
+    const auto stored = detail::ckpt::stored_value(metadata, key);
+    VQKIT_REQUIRE(stored.has_value(), where, "the metadata lacks the config key '", key, "'");
+    const std::string& raw = *stored;
     VQKIT_REQUIRE(detail::ckpt::parse_value(raw, field), where, "config key '", key,
                   "' has the value '", safetensors::detail::clip(raw), "', expected ",
                   detail::ckpt::value_kind<V>());

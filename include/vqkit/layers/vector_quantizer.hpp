@@ -247,8 +247,10 @@ class VectorQuantizer {
       if (dp_) dp_->all_reduce(stats_);  // the whole batch's counts and sums
       ema_update<T>(backend_, ema_, stats_, cfg_.ema, codes_);
     } else {
-      counts.setZero(K);
-      for (Index i = 0; i < N; ++i) counts[ctx.indices[i]] += T(1);
+      if constexpr (std::is_same_v<Backend, cpu>)
+        cluster_counts<T>(backend_, ctx.indices, K, counts);
+      else
+        counts = cluster_counts<T>(backend_, ctx.indices, K);
       if (training_) {  // gradient mode still tracks EMA cluster sizes (replace policy)
         if (dp_) dp_->all_reduce(counts);
         const T g = T(cfg_.ema.decay);

@@ -29,12 +29,19 @@ inline void require_indices(const Eigen::Ref<const IndexVector>& idx, Index K, c
                   " is out of range [0, ", K, ")");
 }
 
+/// Counts only: n_k, into `out` (resized to K; no allocation once it fits).
+template <class T>
+void cluster_counts(const cpu&, const Eigen::Ref<const IndexVector>& idx, Index K, Vector<T>& out) {
+  require_indices(idx, K, "cluster_counts");
+  out.setZero(K);
+  for (Index i = 0; i < idx.size(); ++i) out[idx[i]] += T(1);
+}
+
 /// Counts only: n_k (size K).
 template <class T>
-Vector<T> cluster_counts(const cpu&, const Eigen::Ref<const IndexVector>& idx, Index K) {
-  require_indices(idx, K, "cluster_counts");
-  Vector<T> n = Vector<T>::Zero(K);
-  for (Index i = 0; i < idx.size(); ++i) n[idx[i]] += T(1);
+Vector<T> cluster_counts(const cpu& be, const Eigen::Ref<const IndexVector>& idx, Index K) {
+  Vector<T> n;
+  cluster_counts<T>(be, idx, K, n);
   return n;
 }
 

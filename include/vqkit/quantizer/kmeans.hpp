@@ -138,7 +138,6 @@ RowMatrix<T> kmeans_plus_plus(const cpu& be, ConstMatrixRef<T> data, Index k, Rn
   picked.reserve(std::size_t(k));
   std::vector<double> mind(std::size_t(n), std::numeric_limits<double>::infinity());
   std::vector<double> prefix(static_cast<std::size_t>(n));
-  std::vector<Index> batch;  // rows chosen in the current batch
   IndexVector idx(n);
   Vector<T> dist;
   const Vector<T> xn2 = x.rowwise().squaredNorm();
@@ -150,32 +149,30 @@ RowMatrix<T> kmeans_plus_plus(const cpu& be, ConstMatrixRef<T> data, Index k, Rn
   Index done = 0;  // centres [0, done) are reflected in mind
   while (Index(picked.size()) < k) {
     const Index j = Index(picked.size());
-    // Refresh mind with the centres [done, j): one search against them.
-    if (j > done && j - done < 16) {
-      // A few centres: direct distances, one streaming pass over the data
-      // (cheaper than packing it for the kernel).
+    // Refresh mind with the centres [done, j).
+    if (j > done) {
       const auto nb = c.middleRows(done, j - done);
-#pragma omp parallel for schedule(static) num_threads(be.num_threads())
-      for (Index i = 0; i < n; ++i) {
-        double d = mind[std::size_t(i)];
-        for (Index b = 0; b < nb.rows(); ++b) d = std::min(d, double((x.row(i) - nb.row(b)).squaredNorm()));
-        mind[std::size_t(i)] = d;
-      }
-      done = j;
-    } else if (j > done) {
-      const auto nb = c.middleRows(done, j - done);
-      const Vector<T> cn2 = nb.rowwise().squaredNorm();
-      nearest_code_unchecked<T>(be, nb, x, idx, &dist, SearchOptions{}, nullptr);
-#pragma omp parallel for schedule(static) num_threads(be.num_threads())
-      for (Index i = 0; i < n; ++i) {
-        const Index a = idx[i];
-        double d = double(dist[i]);
-        // The norm trick loses the small distances to cancellation: where
-        // d is small against the norms, compute it directly (a row equal
-        // to a centre gets exactly 0 and is never drawn).
-        if (d <= 0x1p-10 * (double(xn2[i]) + double(cn2[a])))
-          d = double((x.row(i) - nb.row(a)).squaredNorm());
-        if (d < mind[std::size_t(i)]) mind[std::size_t(i)] = d;
+      if (nb.rows() < 16) {
+        // A few centres: direct distances, one streaming pass over the data
+        // (cheaper than packing it for the kernel).
+        parallel_for(be, n, [&](Index i) {
+          double d = mind[std::size_t(i)];
+          for (Index b = 0; b < nb.rows(); ++b) d = std::min(d, double((x.row(i) - nb.row(b)).squaredNorm()));
+          mind[std::size_t(i)] = d;
+        });
+      } else {  // one search against them
+        const Vector<T> cn2 = nb.rowwise().squaredNorm();
+        nearest_code_unchecked<T>(be, nb, x, idx, &dist, SearchOptions{}, nullptr);
+        parallel_for(be, n, [&](Index i) {
+          const Index a = idx[i];
+          double d = double(dist[i]);
+          // The norm trick loses the small distances to cancellation: where
+          // d is small against the norms, compute it directly (a row equal
+          // to a centre gets exactly 0 and is never drawn).
+          if (d <= 0x1p-10 * (double(xn2[i]) + double(cn2[a])))
+            d = double((x.row(i) - nb.row(a)).squaredNorm());
+          if (d < mind[std::size_t(i)]) mind[std::size_t(i)] = d;
+        });
       }
       done = j;
     }
@@ -188,21 +185,18 @@ RowMatrix<T> kmeans_plus_plus(const cpu& be, ConstMatrixRef<T> data, Index k, Rn
     // Draw the next batch by rejection from the distances at its start.
     const Index want = std::min(k - j, std::min(j, max_batch));
     const Index max_proposals = 16 * want + 64;
-    batch.clear();
-    for (Index proposals = 0; Index(batch.size()) < want && proposals < max_proposals; ++proposals) {
+    // This batch's centres so far are c's rows [j, picked.size()).
+    for (Index proposals = 0; Index(picked.size()) - j < want && proposals < max_proposals; ++proposals) {
       const double u = rng.uniform() * total;
       Index i = Index(std::upper_bound(prefix.begin(), prefix.end(), u) - prefix.begin());
       i = std::min(i, n - 1);
       const double mi = mind[std::size_t(i)];
       if (!(mi > 0)) continue;  // (rounding at the end of the prefix sums)
       double cur = mi;
-      for (Index b : batch) {
-        cur = std::min(cur, double((x.row(i) - x.row(b)).squaredNorm()));
-        if (cur == 0) break;
-      }
+      for (Index b = j; b < Index(picked.size()) && cur > 0; ++b)
+        cur = std::min(cur, double((x.row(i) - c.row(b)).squaredNorm()));
       // Accept with probability cur / mi (no draw when cur == mi).
       if (cur < mi && rng.uniform() * mi >= cur) continue;
-      batch.push_back(i);
       pick(i);
     }
   }
