@@ -1,9 +1,12 @@
-// Tests for vqkit/layers/{linear,layer_norm,gelu}.hpp: forward values against
+// Tests for vqkit/core/gemm.hpp and vqkit/layers/{linear,layer_norm,gelu}.hpp:
+// gemm against a double reference for every operand layout (AVX-512 kernel
+// and generic path) with thread-count-independent bits; forward values against
 // hand-computed numbers, backward against central finite differences of
 // L = sum(G * y) in double precision, gradient accumulation, zero_grad,
 // float/double agreement, and rejected inputs leaving everything unchanged.
 #include <catch2/catch.hpp>
 #include <vqkit/core/error.hpp>
+#include <vqkit/core/gemm.hpp>
 #include <vqkit/core/random.hpp>
 #include <vqkit/layers/gelu.hpp>
 #include <vqkit/layers/layer_norm.hpp>
@@ -82,6 +85,89 @@ struct TinyNet {
 };
 
 }  // namespace
+
+// ------------------------------------------------------------------ gemm ----
+
+namespace {
+
+// gemm on a random case against a double product; returns c from 1 thread
+// and requires 3 threads to give the same bits.
+RowMatrix<float> gemm_case(Index M, Index N, Index K, vqkit::Op oa, vqkit::Op ob, bool acc,
+                           bool with_bias, vqkit::Rng& rng) {
+  using vqkit::Op;
+  const RowMatrix<float> a = (oa == Op::none ? randn(M, K, rng) : randn(K, M, rng)).cast<float>();
+  const RowMatrix<float> b = (ob == Op::none ? randn(K, N, rng) : randn(N, K, rng)).cast<float>();
+  const RowMatrix<float> c0 = randn(M, N, rng).cast<float>();
+  const RowMatrix<float> bias = randn(1, N, rng).cast<float>();
+  Eigen::MatrixXd A = a.cast<double>(), B = b.cast<double>();
+  if (oa == Op::transpose) A.transposeInPlace();
+  if (ob == Op::transpose) B.transposeInPlace();
+  Eigen::MatrixXd ref = A * B;
+  // Each term's rounding is bounded by |a||b|: the error bound scales with it.
+  Eigen::MatrixXd mag = A.cwiseAbs() * B.cwiseAbs();
+  if (acc) ref += c0.cast<double>(), mag += c0.cast<double>().cwiseAbs();
+  else if (with_bias)
+    ref.rowwise() += bias.cast<double>().row(0), mag.rowwise() += bias.cast<double>().cwiseAbs().row(0);
+  RowMatrix<float> c1 = c0, c3 = c0;
+  const float* bp = with_bias ? bias.data() : nullptr;
+  vqkit::gemm<float>(vqkit::cpu{1}, oa, a, ob, b, c1, acc, bp);
+  vqkit::gemm<float>(vqkit::cpu{3}, oa, a, ob, b, c3, acc, bp);
+  INFO("M=" << M << " N=" << N << " K=" << K << " opa=" << int(oa) << " opb=" << int(ob)
+            << " acc=" << acc << " bias=" << with_bias);
+  const double eps = std::numeric_limits<float>::epsilon();
+  const Eigen::ArrayXXd err = (c1.cast<double>() - ref).array().abs();
+  CHECK((err <= double(K + 2) * eps * mag.array()).all());
+  CHECK(c1 == c3);
+  return c1;
+}
+
+}  // namespace
+
+TEST_CASE("gemm matches a double product for every layout, with bits independent of threads") {
+  using vqkit::Op;
+  vqkit::Rng rng(21);
+  // Shapes around the kernel's blocking (12-row tiles, 32-column panels,
+  // 128-deep k blocks, 480 x 128 tasks) and far from it.
+  const Index shapes[][3] = {{1, 1, 1},    {1, 33, 7},    {13, 1, 129},  {12, 32, 128},
+                             {25, 65, 257}, {481, 129, 300}, {500, 31, 5}, {7, 300, 1}};
+  for (const bool generic : {false, true}) {
+    vqkit::detail::avx512_disabled = generic;  // the generic path, as without AVX-512
+    for (const auto& s : shapes)
+      for (const Op oa : {Op::none, Op::transpose})
+        for (const Op ob : {Op::none, Op::transpose})
+          for (int mode = 0; mode < 3; ++mode)
+            gemm_case(s[0], s[1], s[2], oa, ob, mode == 1, mode == 2, rng);
+  }
+  vqkit::detail::avx512_disabled = false;
+}
+
+TEST_CASE("gemm reads strided views and rejects mismatched shapes before writing") {
+  using vqkit::Op;
+  vqkit::Rng rng(22);
+  const RowMatrix<float> big = randn(40, 50, rng).cast<float>();
+  const RowMatrix<float> b = randn(20, 30, rng).cast<float>();
+  RowMatrix<float> c(17, 30), ref(17, 30);
+  // a = a 17 x 20 block of a wider matrix (row stride 50, offset start).
+  vqkit::gemm<float>(vqkit::cpu{2}, Op::none, big.block(3, 5, 17, 20), Op::none, b, c, false);
+  ref = (big.block(3, 5, 17, 20).cast<double>() * b.cast<double>()).cast<float>();
+  CHECK((c - ref).cwiseAbs().maxCoeff() < 1e-4f);
+  // c as a block: the untouched columns stay as they were.
+  RowMatrix<float> wide = RowMatrix<float>::Constant(17, 40, 7.0f);
+  vqkit::gemm<float>(vqkit::cpu{1}, Op::none, big.block(3, 5, 17, 20), Op::none, b,
+                     wide.middleCols(5, 30), false);
+  CHECK(wide.middleCols(5, 30) == c);
+  CHECK((wide.leftCols(5).array() == 7.0f).all());
+  CHECK((wide.rightCols(5).array() == 7.0f).all());
+
+  RowMatrix<float> keep = RowMatrix<float>::Constant(17, 30, 3.0f);
+  CHECK_THROWS_WITH(vqkit::gemm<float>(vqkit::cpu{1}, Op::none, big.block(0, 0, 17, 21), Op::none,
+                                       b, keep, false),
+                    Contains("gemm") && Contains("17x21") && Contains("20x30"));
+  CHECK_THROWS_WITH(vqkit::gemm<float>(vqkit::cpu{1}, Op::transpose, big.block(0, 0, 20, 17),
+                                       Op::none, b, keep.leftCols(29), true),
+                    Contains("c is 17x29") && Contains("expected 17x30"));
+  CHECK((keep.array() == 3.0f).all());
+}
 
 // ---------------------------------------------------------------- Linear ----
 
@@ -233,6 +319,36 @@ TEST_CASE("Linear float matches double") {
   vqkit::Linear<float> f2(13, 5, r2);
   CHECK(close_float(f2.weight, d2.weight));
   CHECK(close_float(f2.bias, d2.bias));
+}
+
+TEST_CASE("Linear gives the same bits on 1 and 2 threads") {
+  for (const bool generic : {false, true}) {
+    vqkit::detail::avx512_disabled = generic;
+    for (const Index n : {Index(5), Index(700)}) {  // one block, and several of every kind
+      vqkit::Rng r1(31), r2(31);
+      vqkit::Linear<float> one(96, 200, r1, true, vqkit::cpu{1});
+      vqkit::Linear<float> two(96, 200, r2, true, vqkit::cpu{2});
+      vqkit::Rng rng(32);
+      const RowMatrix<float> x = randn(n, 96, rng).cast<float>();
+      const RowMatrix<float> g = randn(n, 200, rng).cast<float>();
+      RowMatrix<float> y1, y2, dx1, dx2;
+      const auto c1 = one.forward(x, y1);
+      const auto c2 = two.forward(x, y2);
+      one.backward(c1, g, &dx1);
+      two.backward(c2, g, &dx2);
+      INFO("n=" << n << " generic=" << generic);
+      CHECK(y1 == y2);
+      CHECK(dx1 == dx2);
+      CHECK(one.weight_grad == two.weight_grad);
+      CHECK(one.bias_grad == two.bias_grad);
+      // and against double arithmetic
+      const Eigen::MatrixXd yd =
+          (x.cast<double>() * one.weight.cast<double>().transpose()).rowwise() +
+          one.bias.cast<double>().row(0);
+      CHECK((y1.cast<double>() - yd).cwiseAbs().maxCoeff() < 1e-4);
+    }
+  }
+  vqkit::detail::avx512_disabled = false;
 }
 
 TEST_CASE("Linear rejects bad shapes and changes nothing") {

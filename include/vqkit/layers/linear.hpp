@@ -16,6 +16,10 @@
 //            dx      (N,C)   = dy (N,OC) * weight (OC,C)     one GEMM
 //            Parameter gradients accumulate (+=); dx is overwritten.
 //
+// The three GEMMs run through vqkit::gemm (core/gemm.hpp) on the backend's
+// threads: the results are the same bits for any thread count, and a call
+// with a reused Context makes no heap allocation.
+//
 // Initialisation (PyTorch's default): every weight and bias entry is drawn
 // uniform(-k, k) with k = 1/sqrt(in_features), weight first in row-major
 // order, then bias, from the caller's vqkit::Rng.
@@ -32,6 +36,7 @@
 
 #include "vqkit/core/backend.hpp"
 #include "vqkit/core/error.hpp"
+#include "vqkit/core/gemm.hpp"
 #include "vqkit/core/random.hpp"
 #include "vqkit/core/types.hpp"
 #include "vqkit/layers/parameter.hpp"
@@ -75,16 +80,17 @@ class Linear {
     return ctx;
   }
 
-  /// The same into a context whose buffer is reused (the GEMM itself may
-  /// still allocate Eigen's packing buffers).
+  /// The same into a context whose buffer is reused: no heap allocation
+  /// once ctx and y have held a batch of this size.
   void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, Context& ctx) const {
     check_state("Linear::forward");
     VQKIT_REQUIRE(x.cols() == in_, "Linear::forward", "x has ", x.cols(),
                   " columns, expected in_features=", in_);
     ctx.input = x;  // copied first, so y may alias x
     y.resize(ctx.input.rows(), out_);
-    y.noalias() = ctx.input * weight.transpose();  // (N,C) x (C,OC)
-    if (has_bias_) y.rowwise() += bias.row(0);
+    // (N,C) x (C,OC) + bias
+    gemm<T>(backend_, Op::none, ctx.input, Op::transpose, weight, y, false,
+            has_bias_ ? bias.data() : nullptr);
   }
 
   /// dy: (N, OC). Accumulates weight_grad / bias_grad; if dx is given,
@@ -96,16 +102,19 @@ class Linear {
     VQKIT_REQUIRE(dy.rows() == ctx.input.rows() && dy.cols() == out_, "Linear::backward",
                   "dy is ", dy.rows(), "x", dy.cols(), ", expected ", ctx.input.rows(), "x",
                   out_, " (N from the forward input, out_features=", out_, ")");
-    weight_grad.noalias() += dy.transpose() * ctx.input;  // (OC,N) x (N,C)
-    if (has_bias_) bias_grad += dy.colwise().sum();
+    gemm<T>(backend_, Op::transpose, dy, Op::none, ctx.input, weight_grad, true);  // (OC,N) x (N,C)
+    if (has_bias_) {
+      auto bg = bias_grad.row(0);
+      for (Index n = 0; n < dy.rows(); ++n) bg += dy.row(n);  // rows in order
+    }
     if (dx != nullptr) {
       if (overlaps(*dx, dy)) {
         RowMatrix<T> tmp(dy.rows(), in_);
-        tmp.noalias() = dy * weight;
+        gemm<T>(backend_, Op::none, dy, Op::none, weight, tmp, false);
         *dx = std::move(tmp);
       } else {
         dx->resize(dy.rows(), in_);
-        dx->noalias() = dy * weight;  // (N,OC) x (OC,C)
+        gemm<T>(backend_, Op::none, dy, Op::none, weight, *dx, false);  // (N,OC) x (OC,C)
       }
     }
   }

@@ -111,10 +111,9 @@ class SwinBlock {
     ctx.attn = attn.forward(h, x1, shape, ctx.shift);
     x1 += ctx.norm1.input;
     ctx.norm2 = norm2.forward(x1, h);
-    const int threads = backend_.num_threads();
-    ctx.fc1 = detail::linear_forward(fc1, h, h, threads);
+    ctx.fc1 = fc1.forward(h, h);
     ctx.act = act.forward(h, h);
-    ctx.fc2 = detail::linear_forward(fc2, h, h, threads);
+    ctx.fc2 = fc2.forward(h, h);
     h += x1;
     y = std::move(h);
     return ctx;
@@ -131,10 +130,9 @@ class SwinBlock {
                   " (N from the forward input, dim=", dim(), ")");
     RowMatrix<T> g = dy;  // dL/dx1 so far (copied: dx may alias dy)
     RowMatrix<T> t;
-    const int threads = backend_.num_threads();
-    detail::linear_backward(fc2, ctx.fc2, g, &t, threads);
+    fc2.backward(ctx.fc2, g, &t);
     act.backward(ctx.act, t, &t);
-    detail::linear_backward(fc1, ctx.fc1, t, &t, threads);
+    fc1.backward(ctx.fc1, t, &t);
     norm2.backward(ctx.norm2, t, &t);
     g += t;  // dL/dx1
     attn.backward(ctx.attn, g, &t);

@@ -57,11 +57,9 @@
 // parallel, each window's small GEMMs single-threaded; every output and
 // input-gradient row is written by exactly one window, and the bias-table
 // gradient is summed over windows in window order from per-window partials.
-// qkv and proj run through detail::linear_forward / linear_backward below:
-// fixed row chunks (a function of N only) in parallel with Eigen's own GEMM
-// threading off, and the chunks' weight gradients added in chunk order
-// (Eigen's multi-threaded GEMM rounds differently from its serial one). So
-// every result is bit-identical for any thread count.
+// qkv and proj are Linear layers, whose GEMMs (core/gemm.hpp) give the same
+// bits for any thread count. So every result is bit-identical for any
+// thread count.
 //
 // Initialisation: qkv and proj as Linear (PyTorch's default, qkv first, from
 // the caller's Rng), then the table from a normal distribution with std 0.02
@@ -92,124 +90,6 @@
 #endif
 
 namespace vqkit {
-
-namespace detail {
-
-/// Keeps Eigen's own GEMM threading off for the lifetime of the guard (the
-/// calling task's OpenMP ICV), so results do not depend on how Eigen would
-/// split a product between threads. Restores the previous setting.
-class SerialEigen {
- public:
-#ifdef _OPENMP
-  SerialEigen() : saved_(omp_get_max_threads()) { omp_set_num_threads(1); }
-  ~SerialEigen() { omp_set_num_threads(saved_); }
-#else
-  SerialEigen() = default;
-#endif
-  SerialEigen(const SerialEigen&) = delete;
-  SerialEigen& operator=(const SerialEigen&) = delete;
-
- private:
-#ifdef _OPENMP
-  int saved_ = 1;
-#endif
-};
-
-/// Row chunks of a Linear pass: at least 256 rows each and at most 16 of
-/// them, a function of the row count alone (never of the thread count).
-inline Index linear_chunk_rows(Index rows) {
-  return std::max<Index>(256, (rows + 15) / 16);
-}
-
-/// Linear::forward over fixed row chunks, chunks in parallel (each GEMM
-/// serial): the same Context and y as lin.forward(x, y), with bits that do
-/// not depend on the thread count. y may alias x.
-template <class T, class B>
-typename Linear<T, B>::Context linear_forward(const Linear<T, B>& lin,
-                                              std::type_identity_t<ConstMatrixRef<T>> x,
-                                              RowMatrix<T>& y, int threads) {
-  const Index n = x.rows(), cr = linear_chunk_rows(n), chunks = (n + cr - 1) / cr;
-  if (chunks <= 1) {
-    SerialEigen serial;
-    return lin.forward(x, y);
-  }
-  VQKIT_REQUIRE(x.cols() == lin.in_features(), "Linear::forward", "x has ", x.cols(),
-                " columns, expected in_features=", lin.in_features());
-  typename Linear<T, B>::Context ctx;
-  ctx.input = x;  // copied first, so y may alias x
-  RowMatrix<T> out(n, lin.out_features());
-  {  // chunk 0 on the calling thread: a bad layer state throws here, not in a thread
-    SerialEigen serial;
-    RowMatrix<T> part;
-    lin.forward(ctx.input.topRows(cr), part);
-    out.topRows(cr) = part;
-  }
-#pragma omp parallel num_threads(threads)
-  {
-#ifdef _OPENMP
-    omp_set_num_threads(1);  // this task's ICV only
-#endif
-    RowMatrix<T> part;
-#pragma omp for schedule(dynamic, 1)
-    for (Index c = 1; c < chunks; ++c) {
-      const Index r0 = c * cr, len = std::min(cr, n - r0);
-      lin.forward(ctx.input.middleRows(r0, len), part);
-      out.middleRows(r0, len) = part;
-    }
-  }
-  y = std::move(out);
-  return ctx;
-}
-
-/// Linear::backward over the same fixed row chunks: each chunk runs on its
-/// own copy of the layer (zeroed gradients), in parallel, and the chunks'
-/// parameter gradients are then added to lin's in chunk order, so the bits
-/// do not depend on the thread count. dx may alias dy.
-template <class T, class B>
-void linear_backward(Linear<T, B>& lin, const typename Linear<T, B>::Context& ctx,
-                     std::type_identity_t<ConstMatrixRef<T>> dy, RowMatrix<T>* dx,
-                     int threads) {
-  const Index n = dy.rows(), cr = linear_chunk_rows(n), chunks = (n + cr - 1) / cr;
-  if (chunks <= 1 || ctx.input.rows() != n) {  // (a mismatch is reported by Linear)
-    SerialEigen serial;
-    lin.backward(ctx, dy, dx);
-    return;
-  }
-  std::vector<Linear<T, B>> parts(static_cast<std::size_t>(chunks), lin);
-  for (auto& l : parts) l.zero_grad();
-  RowMatrix<T> din(dx != nullptr ? n : 0, lin.in_features());
-  {  // chunk 0 on the calling thread: a bad state throws here, lin untouched
-    SerialEigen serial;
-    typename Linear<T, B>::Context c;
-    c.input = ctx.input.topRows(cr);
-    RowMatrix<T> part;
-    parts[0].backward(c, dy.topRows(cr), dx != nullptr ? &part : nullptr);
-    if (dx != nullptr) din.topRows(cr) = part;
-  }
-#pragma omp parallel num_threads(threads)
-  {
-#ifdef _OPENMP
-    omp_set_num_threads(1);
-#endif
-    typename Linear<T, B>::Context c;
-    RowMatrix<T> part;
-#pragma omp for schedule(dynamic, 1)
-    for (Index k = 1; k < chunks; ++k) {
-      const Index r0 = k * cr, len = std::min(cr, n - r0);
-      c.input = ctx.input.middleRows(r0, len);
-      parts[static_cast<std::size_t>(k)].backward(c, dy.middleRows(r0, len),
-                                                  dx != nullptr ? &part : nullptr);
-      if (dx != nullptr) din.middleRows(r0, len) = part;
-    }
-  }
-  for (const auto& l : parts) {
-    lin.weight_grad += l.weight_grad;
-    if (lin.has_bias()) lin.bias_grad += l.bias_grad;
-  }
-  if (dx != nullptr) *dx = std::move(din);
-}
-
-}  // namespace detail
 
 template <class T, class Backend = cpu>
 class WindowAttention {
@@ -256,7 +136,7 @@ class WindowAttention {
     Context ctx;
     ctx.shape = shape;
     ctx.shift = shift;
-    ctx.qkv = detail::linear_forward(qkv, x, ctx.qkv_out, threads);  // copies x: y may alias x
+    ctx.qkv = qkv.forward(x, ctx.qkv_out);  // copies x: y may alias x
     ctx.probs.resize(nwin * nh, n * n);
     const RowMatrix<T> bias = dense_bias();  // (nh, n*n)
     const T scale = T(1) / std::sqrt(static_cast<T>(d));
@@ -303,7 +183,7 @@ class WindowAttention {
         for (Index t = 0; t < n; ++t) o.row(rows[t]) = out.row(t);
       }
     }
-    ctx.proj = detail::linear_forward(proj, o, y, threads);
+    ctx.proj = proj.forward(o, y);
     return ctx;
   }
 
@@ -325,7 +205,7 @@ class WindowAttention {
     const bool parallel = nwin > 1 && nwin * n * n * C >= kParallelWork;
 
     RowMatrix<T> dout;  // dL/do (N, C)
-    detail::linear_backward(proj, ctx.proj, dy, &dout, threads);
+    proj.backward(ctx.proj, dy, &dout);
     RowMatrix<T> dqkv(shape.rows(), 3 * C);
     RowMatrix<T> dbias_win(nwin, nh * n * n);  // per-window partials of dS
     const RowMatrix<T>& qkv_out = ctx.qkv_out;
@@ -374,7 +254,7 @@ class WindowAttention {
           const Index idx = (t / w - u / w + w - 1) * span + (t % w - u % w + w - 1);
           relative_position_bias_table_grad(idx, h) += dsum(0, h * n * n + t * n + u);
         }
-    detail::linear_backward(qkv, ctx.qkv, dqkv, dx, threads);
+    qkv.backward(ctx.qkv, dqkv, dx);
   }
 
   /// "relative_position_bias_table" {(2w-1)^2, nh} (no weight decay),

@@ -68,24 +68,9 @@
 #include <vector>
 #include <utility>
 
-// The AVX-512 kernels are compiled on x86-64 with GCC or clang whatever the
-// flags (function target attributes), and chosen at run time when the CPU
-// has AVX-512F (avx512_search_supported()): a program built with plain -O3
-// gets the same kernels, and the same results bit for bit, as one built
-// with -march=native. Translation units compiled by nvcc (the CUDA
-// backend's host code) leave them out and take the generic path.
-#if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__)) && \
-    !defined(__CUDACC__)
-#define VQKIT_K512 1
-#include <immintrin.h>
-#define VQKIT_K512_TARGET __attribute__((target("avx512f,fma")))
-#else
-#define VQKIT_K512 0
-#define VQKIT_K512_TARGET
-#endif
-
 #include "vqkit/core/backend.hpp"
 #include "vqkit/core/check.hpp"
+#include "vqkit/core/simd.hpp"
 #include "vqkit/core/types.hpp"
 
 namespace vqkit {
@@ -157,9 +142,6 @@ namespace detail {
 /// Tests only: when set, bf16_search_supported() reports false (the
 /// fallback path can be tested on a machine that has AVX512-BF16).
 inline std::atomic<bool> bf16_disabled{false};
-/// Tests only: when set, avx512_search_supported() reports false (the
-/// generic path runs, as on a CPU without AVX-512).
-inline std::atomic<bool> avx512_disabled{false};
 
 }  // namespace detail
 
@@ -168,17 +150,7 @@ inline std::atomic<bool> avx512_disabled{false};
 /// Whether the AVX-512 fp32 kernel serves float searches here: compiled on
 /// x86-64 with GCC or clang (any flags) and the CPU has AVX-512F, checked
 /// once at run time. When false, float searches take the generic path.
-inline bool avx512_search_supported() {
-#if VQKIT_K512
-  static const bool cpu_has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") != 0;
-  }();
-  return cpu_has && !detail::avx512_disabled.load(std::memory_order_relaxed);
-#else
-  return false;
-#endif
-}
+inline bool avx512_search_supported() { return detail::cpu_has_avx512f(); }
 
 /// Whether Precision::bf16_rerank runs here: the fp32 kernel it reproduces
 /// runs (avx512_search_supported()) and the CPU has AVX512-BF16 (checked at
@@ -379,36 +351,6 @@ inline constexpr Index KB = 512;    // codes per code block, about
 /// Squared norms at or above this go to the generic path: below it no dot
 /// product, partial sum or score can overflow (|x.e| <= ||x|| ||e|| < 1e37).
 inline constexpr float kHuge = 1e37f;
-
-/// Transposes 16 rows of 16 floats (r[i] = row i) into 16 vectors
-/// (r[d] = dimension d of the 16 rows).
-VQKIT_K512_TARGET inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {  // rows 4i..4i+3; r[4i+j]: dimension 4L+j in 128-bit lane L
-    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
-    const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
-    r[4 * i + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-    r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-    r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
-    r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
-  }
-  for (int j = 0; j < 4; ++j) {  // t[j]: dims j, 8+j; t[4+j]: dims 4+j, 12+j (rows 0-7), +8: rows 8-15
-    t[j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
-    t[4 + j] = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xdd);
-    t[8 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
-    t[12 + j] = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xdd);
-  }
-  for (int j = 0; j < 4; ++j) {
-    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
-    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
-    r[4 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0x88);
-    r[12 + j] = _mm512_shuffle_f32x4(t[4 + j], t[12 + j], 0xdd);
-  }
-}
 
 /// Packs `rows` (<= MR) rows of x (leading dimension ldx) into dst[d * MR + r],
 /// zero beyond `rows`; xn2[r] = sum_d x_rd^2 (in d order, zero beyond `rows`).
