@@ -638,6 +638,42 @@ TEST_CASE("Gelu float matches double") {
   CHECK(close_float(dxf, dxd));
 }
 
+TEST_CASE("Gelu float keeps ~1 ulp relative precision, tail included, on any thread count") {
+  // Every float from -14 to 14 in steps of 2^-10 (28673 values, padded to
+  // 2^17 by repetition so the threaded path runs), against std::erfc in double.
+  const Index n = Index(1) << 17;
+  RowMatrix<float> x(1, n), g(1, n);
+  for (Index i = 0; i < n; ++i) {
+    x(0, i) = -14.0f + float(i % 28673) / 1024.0f;
+    g(0, i) = 1.0f + float(i % 7);
+  }
+  RowMatrix<float> y1, y2, d1, d2;
+  vqkit::Gelu<float> one(vqkit::cpu{1}), two(vqkit::cpu{2});
+  const auto c1 = one.forward(x, y1);
+  const auto c2 = two.forward(x, y2);
+  one.backward(c1, g, &d1);
+  two.backward(c2, g, &d2);
+  CHECK(y1 == y2);
+  CHECK(d1 == d2);
+  double worst_y = 0, worst_d = 0;
+  for (Index i = 0; i < n; ++i) {
+    const double v = x(0, i);
+    const double yd = vqkit::Gelu<double>::value(v);
+    const double dd = double(g(0, i)) * vqkit::Gelu<double>::derivative(v);
+    // gelu' = Phi(x) + x phi(x) crosses 0 near x = -0.75: its error is
+    // relative to the size of the two terms
+    const double terms = double(g(0, i)) * (0.5 * std::erfc(-v / std::sqrt(2.0)) +
+                                            std::abs(v) * std::exp(-0.5 * v * v) / std::sqrt(2 * M_PI));
+    // relative error in units of float's epsilon, where the value is a normal float
+    if (std::abs(yd) > 1e-37) worst_y = std::max(worst_y, std::abs(y1(0, i) - yd) / std::abs(yd));
+    if (terms > 1e-37) worst_d = std::max(worst_d, std::abs(d1(0, i) - dd) / terms);
+  }
+  const double eps = std::numeric_limits<float>::epsilon();
+  INFO("worst relative error: forward " << worst_y / eps << " eps, backward " << worst_d / eps << " eps");
+  CHECK(worst_y <= 2 * eps);
+  CHECK(worst_d <= 2 * eps);
+}
+
 TEST_CASE("Gelu rejects a mismatched dy and changes nothing") {
   vqkit::Rng rng(13);
   vqkit::Gelu<double> gelu;
