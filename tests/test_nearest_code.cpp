@@ -177,10 +177,7 @@ TEST_CASE("nearest_code rejects bad input with a message naming the value", "[se
 TEST_CASE("nearest_code: the fast kernel's results depend neither on its blocking nor on the threads",
           "[search][kernel]") {
 #if VQKIT_K512
-  if (!avx512_search_supported()) {
-    WARN("this CPU has no AVX-512F: the generic path serves every call");
-    return;
-  }
+  if (!avx512_search_supported()) VQKIT_SKIP("this CPU has no AVX-512F: the generic path serves every call");
   // Ragged everything: rows not a multiple of the 64-row panel, codes not a
   // multiple of the 6-code tile, dimensions not a multiple of 16; strided
   // inputs (blocks of wider matrices).
@@ -219,7 +216,7 @@ TEST_CASE("nearest_code: the fast kernel's results depend neither on its blockin
     }
   }
 #else
-  WARN("not x86-64 GCC/clang: the generic path serves every call");
+  VQKIT_SKIP("not x86-64 GCC/clang: the generic path serves every call");
 #endif
 }
 
@@ -437,10 +434,7 @@ TEST_CASE("bf16_rerank: small integers with exact ties", "[search][bf16]") {
 TEST_CASE("bf16_rerank: identical to fp32 on GloVe and MNIST", "[search][bf16][data]") {
   const std::string glove = test::data_file("vectors/glove100/glove100_base_10k.fvecs");
   const std::string mnist = test::data_file("vectors/mnist10k/mnist10k_784d.bvecs");
-  if (glove.empty() || mnist.empty()) {
-    WARN("shared data not found: skipped");
-    return;
-  }
+  if (glove.empty() || mnist.empty()) VQKIT_SKIP("GloVe or MNIST absent under VQKIT_TEST_DATA_DIR");
   {
     const RowMatrix<float> all = io::read_fvecs(glove, 1800);  // D = 100
     const RowMatrix<float> codes = all.topRows(300), x = all.bottomRows(1500);

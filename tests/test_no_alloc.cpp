@@ -84,10 +84,8 @@ TEST_CASE("the counter sees allocations (the test can fail)", "[alloc]") {
 }
 
 TEST_CASE("a steady VectorQuantizer<float> step makes no heap allocation", "[alloc][vq]") {
-  if (!avx512_search_supported()) {
-    WARN("no AVX-512F: the generic search path allocates its tiles per call");
-    return;
-  }
+  if (!avx512_search_supported())
+    VQKIT_SKIP("no AVX-512F: the generic search path allocates its tiles per call");
   for (const int threads : {1, 2}) {
     for (const auto update : {CodebookUpdate::ema, CodebookUpdate::gradient}) {
       INFO("threads " << threads << ", update " << to_string(update));
@@ -128,10 +126,8 @@ TEST_CASE("a steady VectorQuantizer<float> step makes no heap allocation", "[all
 TEST_CASE("a steady QuantizerBlock step makes no heap allocation", "[alloc][block]") {
   // The Linear layers' GEMMs pack on the stack (core/gemm.hpp); everything
   // else reuses the context and the block's buffers. 1 and 2 threads.
-  if (!avx512_search_supported()) {
-    WARN("no AVX-512F: the generic search path allocates its tiles per call");
-    return;
-  }
+  if (!avx512_search_supported())
+    VQKIT_SKIP("no AVX-512F: the generic search path allocates its tiles per call");
   QuantizerBlockConfig cfg;
   cfg.dim = 32;
   cfg.quantizer.codebook_size = 128;

@@ -4,6 +4,8 @@
 #include <filesystem>
 #include <string>
 
+#include "skip.hpp"
+
 #include <vqkit/core/random.hpp>
 #include <vqkit/core/types.hpp>
 

@@ -1,6 +1,8 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+
+#include "skip.hpp"
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -56,14 +58,10 @@ void put_brow(Bytes& b, std::int32_t d, std::uint8_t fill) {
   for (std::int32_t i = 0; i < d; ++i) b.push_back(fill);
 }
 
-/// The shared real data, or "" (with a warning) when it is absent.
+/// The shared real data, or "" when it is absent (the caller skips).
 std::string data_file(const std::string& rel) {
   const std::string path = std::string(VQKIT_TEST_DATA_DIR) + "/" + rel;
-  if (!fs::exists(path)) {
-    WARN("skipped: " << path << " is absent");
-    return "";
-  }
-  return path;
+  return fs::exists(path) ? path : "";
 }
 
 }  // namespace
@@ -258,7 +256,7 @@ TEST_CASE("vecs: random corruption only ever raises vqkit::error") {
 
 TEST_CASE("vecs: glove100 base (real data) is 10000 x 100 finite floats") {
   const std::string path = data_file("vectors/glove100/glove100_base_10k.fvecs");
-  if (path.empty()) return;
+  if (path.empty()) VQKIT_SKIP("shared data absent under " << VQKIT_TEST_DATA_DIR);
   const auto x = io::read_fvecs(path);
   REQUIRE(x.rows() == 10000);
   REQUIRE(x.cols() == 100);
@@ -270,7 +268,7 @@ TEST_CASE("vecs: glove100 base (real data) is 10000 x 100 finite floats") {
 
 TEST_CASE("vecs: mnist10k (real data) is 10000 x 784 bytes") {
   const std::string path = data_file("vectors/mnist10k/mnist10k_784d.bvecs");
-  if (path.empty()) return;
+  if (path.empty()) VQKIT_SKIP("shared data absent under " << VQKIT_TEST_DATA_DIR);
   const auto x = io::read_bvecs(path);
   REQUIRE(x.rows() == 10000);
   REQUIRE(x.cols() == 784);
@@ -281,7 +279,7 @@ TEST_CASE("vecs: mnist10k (real data) is 10000 x 784 bytes") {
 
 TEST_CASE("vecs: glove100 ground truth (real data) is 1000 x 100 ids, nearest first") {
   const std::string path = data_file("vectors/glove100/glove100_query_1k_gt100_l2_base10k.ivecs");
-  if (path.empty()) return;
+  if (path.empty()) VQKIT_SKIP("shared data absent under " << VQKIT_TEST_DATA_DIR);
   const auto gt = io::read_ivecs(path);
   REQUIRE(gt.rows() == 1000);
   REQUIRE(gt.cols() == 100);
@@ -296,7 +294,8 @@ TEST_CASE("vecs: glove100 ground truth (real data) is 1000 x 100 ids, nearest fi
   // neighbours in the base by increasing L2 distance.
   const std::string base_path = data_file("vectors/glove100/glove100_base_10k.fvecs");
   const std::string query_path = data_file("vectors/glove100/glove100_query_1k.fvecs");
-  if (base_path.empty() || query_path.empty()) return;
+  if (base_path.empty() || query_path.empty())
+    VQKIT_SKIP("shared data absent under " << VQKIT_TEST_DATA_DIR);
   const auto base = io::read_fvecs(base_path);
   const auto queries = io::read_fvecs(query_path, 5);
   REQUIRE(queries.cols() == 100);
@@ -310,7 +309,7 @@ TEST_CASE("vecs: glove100 ground truth (real data) is 1000 x 100 ids, nearest fi
 
 TEST_CASE("vecs: digits (real data) is 1797 x 64 integers in [0, 16]") {
   const std::string path = data_file("vectors/digits/digits_1797x64.fvecs");
-  if (path.empty()) return;
+  if (path.empty()) VQKIT_SKIP("shared data absent under " << VQKIT_TEST_DATA_DIR);
   const auto x = io::read_fvecs(path);
   REQUIRE(x.rows() == 1797);
   REQUIRE(x.cols() == 64);

@@ -291,10 +291,7 @@ TEST_CASE("bad input is rejected with a clear message and no state change", "[vq
 // quantizer keeps 3 of 512 codes one step after its k-means init.
 TEST_CASE("collapse regression: GloVe, K=512, 300 steps keep >= 90% usage", "[vq][regression]") {
   const auto path = test::data_file("vectors/glove100/glove100_base_10k.fvecs");
-  if (path.empty()) {
-    WARN("skipped: GloVe data not found under VQKIT_TEST_DATA_DIR");
-    return;
-  }
+  if (path.empty()) VQKIT_SKIP("GloVe data not found under VQKIT_TEST_DATA_DIR");
   const auto data = io::read_fvecs(path);
   REQUIRE(data.rows() == 10000);
   VectorQuantizerConfig cfg;
