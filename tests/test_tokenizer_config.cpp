@@ -93,7 +93,13 @@ TEST_CASE("paper preset carries design.md §3's numbers") {
   CHECK(q.dim == 1024);
   CHECK(q.loss.codebook_weight == 0.25);
   CHECK(q.loss.commitment_weight == 1.0);
+  CHECK(q.search_precision == vqkit::Precision::fp32);
   CHECK_NOTHROW(q.validate());
+  // The search precision goes through JSON into the quantizer's config.
+  const auto b = TokenizerConfig::parse(R"({"preset": "paper", "vq_search_precision": "bf16_rerank"})");
+  CHECK(b.vq_search_precision == "bf16_rerank");
+  CHECK(b.quantizer_config().search_precision == vqkit::Precision::bf16_rerank);
+  CHECK(TokenizerConfig::parse(b.to_json().dump()) == b);
 }
 
 TEST_CASE("small preset: the CPU config of design.md §3 and docs/tokenizer.md") {
@@ -168,6 +174,8 @@ TEST_CASE("config JSON: unknown keys, wrong types and bad values are rejected by
   CHECK_THROWS_WITH(bad(R"({"dead_code_policy": "restart"})"),
                     Contains("dead_code_policy=\"restart\""));
   CHECK_THROWS_WITH(bad(R"({"dead_code_policy": 1})"), Contains("must be a string"));
+  CHECK_THROWS_WITH(bad(R"({"vq_search_precision": "bf16"})"),
+                    Contains("vq_search_precision=\"bf16\"") && Contains("bf16_rerank"));
   CHECK_THROWS_WITH(bad(R"({"ema_decay": 1.0})"), Contains("ema_decay=1"));
   CHECK_THROWS_WITH(bad(R"({"memory_bank_size": 100})"),
                     Contains("memory_bank_size=100") && Contains("codebook_size=256"));

@@ -26,6 +26,8 @@
 //   memory_bank_size       20480         512 (*)      rows of the memory bank (paper: 20 K;
 //                                                       small: one step's tokens)
 //   usage_window           10            10           steps of the window-usage metric
+//   vq_search_precision    fp32          fp32         "fp32" or "bf16_rerank" (same results;
+//                                                       bf16 dot products + exact re-rank)
 //   feature_grid_xy        512           128          feature grid, cells per side
 //   feature_grid_z         64            16           feature grid, z levels
 //   feature_channels       16            16           features per grid point
@@ -111,6 +113,7 @@ struct TokenizerConfig {
   double replace_threshold = 0.5;
   Index memory_bank_size = 512;
   Index usage_window = 10;
+  std::string vq_search_precision = "fp32";
   Index feature_grid_xy = 128;
   Index feature_grid_z = 16;
   Index feature_channels = 16;
@@ -198,6 +201,7 @@ struct TokenizerConfig {
     q.memory_bank_size = memory_bank_size;
     q.init_min_rows = std::min(memory_bank_size, 2 * codebook_size);
     q.usage_window = usage_window;
+    q.search_precision = vq_search_precision == "bf16_rerank" ? Precision::bf16_rerank : Precision::fp32;
     q.seed = seed;
     return q;
   }
@@ -277,6 +281,9 @@ struct TokenizerConfig {
                   w, "dead_code_policy=\"", dead_code_policy,
                   "\" must be \"kmeans_reinit\", \"replace\" or \"none\"");
     nonneg("replace_threshold", replace_threshold);
+    VQKIT_REQUIRE(vq_search_precision == "fp32" || vq_search_precision == "bf16_rerank", w,
+                  "vq_search_precision=\"", vq_search_precision,
+                  "\" must be \"fp32\" or \"bf16_rerank\"");
     VQKIT_REQUIRE(memory_bank_size >= codebook_size, w, "memory_bank_size=", memory_bank_size,
                   " must be >= codebook_size=", codebook_size, " (k-means over the bank)");
     VQKIT_REQUIRE(std::isfinite(augment_yaw_deg) && augment_yaw_deg >= 0 && augment_yaw_deg <= 180,
@@ -317,6 +324,7 @@ struct TokenizerConfig {
         S("dead_code_policy", &C::dead_code_policy), I("dead_code_after", &C::dead_code_after),
         R("replace_threshold", &C::replace_threshold),
         I("memory_bank_size", &C::memory_bank_size), I("usage_window", &C::usage_window),
+        S("vq_search_precision", &C::vq_search_precision),
         I("feature_grid_xy", &C::feature_grid_xy),
         I("feature_grid_z", &C::feature_grid_z), I("feature_channels", &C::feature_channels),
         I("render_mlp_dim", &C::render_mlp_dim), I("occupancy_pool", &C::occupancy_pool),
