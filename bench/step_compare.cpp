@@ -43,6 +43,7 @@ struct Args {
   int threads = 1;
   std::uint64_t seed = 0;
   std::string json;
+  std::string precision = "fp32";  ///< the quantizer's search_precision
 };
 
 /// What one step reports besides its time (read after the clock stops).
@@ -74,7 +75,8 @@ StepInfo training_step(Block& block, const vqkit::RowMatrix<float>& x,
 
 [[noreturn]] void usage_exit(const char* prog, const std::string& why) {
   std::fprintf(stderr,
-               "%s\nusage: %s --batch B --tokens N --threads T --steps S --seed s --json PATH\n",
+               "%s\nusage: %s --batch B --tokens N --threads T --steps S --seed s --json PATH"
+               " [--search-precision fp32|bf16_rerank]\n",
                why.c_str(), prog);
   std::exit(2);
 }
@@ -93,6 +95,11 @@ Args parse(int argc, char** argv) {
       else if (flag == "--steps") a.steps = std::stol(v);
       else if (flag == "--seed") a.seed = std::stoull(v);
       else if (flag == "--json") a.json = v;
+      else if (flag == "--search-precision") {
+        a.precision = v;
+        if (a.precision != "fp32" && a.precision != "bf16_rerank")
+          usage_exit(argv[0], "--search-precision must be fp32 or bf16_rerank");
+      }
       else usage_exit(argv[0], "unknown flag " + flag);
     } catch (const std::logic_error&) {
       usage_exit(argv[0], "bad value '" + std::string(v) + "' for " + flag);
@@ -135,6 +142,8 @@ int main(int argc, char** argv) {
   cfg.quantizer.dim = 1024;
   cfg.seed = a.seed;
   cfg.quantizer.seed = a.seed;
+  cfg.quantizer.search_precision =
+      a.precision == "bf16_rerank" ? vqkit::Precision::bf16_rerank : vqkit::Precision::fp32;
   Block block(cfg, vqkit::cpu{a.threads});
 
   const vqkit::Index rows = vqkit::Index(a.batch * a.tokens);
