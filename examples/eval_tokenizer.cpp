@@ -35,9 +35,6 @@
 #include <system_error>
 #include <vector>
 
-#if defined(__GLIBC__) || __has_include(<malloc.h>)
-#include <malloc.h>
-#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -199,11 +196,6 @@ struct FrameResult {
 };
 
 int run(const Options& o) {
-  // See train_tokenizer.cpp: keep large temporaries in the heap.
-#if defined(M_MMAP_THRESHOLD) && defined(M_TRIM_THRESHOLD)
-  mallopt(M_MMAP_THRESHOLD, 1 << 30);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
-#endif
 #ifdef _OPENMP
   if (o.threads > 0) omp_set_num_threads(o.threads);
 #endif

@@ -48,9 +48,6 @@
 #include <system_error>
 #include <vector>
 
-#if defined(__GLIBC__) || __has_include(<malloc.h>)
-#include <malloc.h>
-#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -114,7 +111,7 @@ void print_usage() {
       "  --checkpoint-every N   save every N steps, 0 = only at the end (default 100)\n"
       "  --resume FILE          continue from a checkpoint of this program\n"
       "  --threads N            OpenMP and Eigen threads, 0 = OpenMP's default (default 0);\n"
-      "                         resume with the same count for a bit-identical continuation\n"
+      "                         results do not depend on it (bit for bit)\n"
       "  --seed S               overrides the config's seed (model init, data draws and\n"
       "                         quantizer derive from it)\n"
       "  --help                 this text\n",
@@ -277,17 +274,6 @@ std::string checkpoint_name(const fs::path& dir, std::int64_t step) {
 }
 
 int run(const Options& o) {
-  // Large per-step temporaries (the feature grid, per-sample features, the
-  // attention maps: tens to hundreds of MB) are above glibc's mmap threshold,
-  // so by default every step maps them afresh and unmaps them on free; each
-  // new mapping is faulted in page by page (zero-filled 4 KiB pages). Keeping
-  // them in the heap (mmap threshold 1 GiB) and not trimming it back to the
-  // OS (trim threshold 1 GiB) lets the next step reuse the same memory:
-  // measured 7.7 s -> 2.1 s per step at the small config.
-#if defined(M_MMAP_THRESHOLD) && defined(M_TRIM_THRESHOLD)
-  mallopt(M_MMAP_THRESHOLD, 1 << 30);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
-#endif
 #ifdef _OPENMP
   if (o.threads > 0) omp_set_num_threads(o.threads);
 #endif

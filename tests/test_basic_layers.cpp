@@ -273,6 +273,45 @@ TEST_CASE("Mlp accumulates gradients, works in float, and rejects bad input unch
 
 // --------------------------------------------------------------- Residual ---
 
+TEST_CASE("Mlp, Relu and Sigmoid with reused contexts match the allocating forms") {
+  vqkit::Rng rng(71);
+  for (const auto act : {vqkit::Activation::relu, vqkit::Activation::gelu}) {
+    vqkit::Mlp<float> mlp(6, 11, 3, rng, act, vqkit::cpu{2});
+    vqkit::Mlp<float>::Context ctx;
+    for (const Index n : {Index(9), Index(9), Index(4)}) {  // same size twice, then smaller
+      const RowMatrix<float> x = randn(n, 6, rng).cast<float>(), g = randn(n, 3, rng).cast<float>();
+      RowMatrix<float> y1, y2, dx1, dx2;
+      mlp.zero_grad();
+      const auto fresh = mlp.forward(x, y1);
+      mlp.backward(fresh, g, &dx1);
+      const RowMatrix<float> w1 = mlp.fc1.weight_grad;
+      mlp.zero_grad();
+      mlp.forward(x, y2, ctx);
+      mlp.backward(ctx, g, &dx2);
+      CHECK(y1 == y2);
+      CHECK(dx1 == dx2);
+      CHECK(mlp.fc1.weight_grad == w1);
+    }
+  }
+  vqkit::Relu<float> relu;
+  vqkit::Sigmoid<float> sig;
+  vqkit::Relu<float>::Context rc;
+  vqkit::Sigmoid<float>::Context sc;
+  const RowMatrix<float> x = randn(5, 4, rng).cast<float>(), g = randn(5, 4, rng).cast<float>();
+  RowMatrix<float> a, b, da, db;
+  relu.forward(x, a, rc);
+  CHECK(a == x.cwiseMax(0.0f));
+  sig.forward(x, b, sc);
+  const auto sfresh = sig.forward(x, b);
+  CHECK(sc.output == sfresh.output);
+  RowMatrix<float> dg = g;  // backward in place: dx is dy
+  relu.backward(rc, dg, &dg);
+  CHECK(dg == (g.array() * (x.array() > 0.0f).cast<float>()).matrix());
+  dg = g;
+  sig.backward(sc, dg, &dg);
+  CHECK(dg == (g.array() * sc.output.array() * (1.0f - sc.output.array())).matrix());
+}
+
 TEST_CASE("Residual forward is x + f(x) and backward fans the gradient out") {
   vqkit::Rng rng(10);
   vqkit::Residual<vqkit::Mlp<double>> res(vqkit::Mlp<double>(5, 8, 5, rng));

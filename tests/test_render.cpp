@@ -249,6 +249,16 @@ TEST_CASE("trilinear: results are bit-identical for 1 and 2 threads", "[trilinea
   CHECK(out[0] == out[1]);
   CHECK(dg[0] == dg[1]);
   CHECK(dp[0] == dp[1]);
+
+  // A dgrid that already holds a previous step's gradient (its buffer is
+  // reused) gets the same values as a fresh one: it is zeroed first.
+  TrilinearSampler<float> tri(g, cpu{2});
+  const auto ctx = tri.forward(grid, pts, bi, out[0]);
+  RowMatrix<float> reused = RowMatrix<float>::Constant(dg[0].rows(), dg[0].cols(), 9.0f);
+  const float* buffer = reused.data();
+  tri.backward(ctx, G, &reused, nullptr);
+  CHECK(reused == dg[1]);
+  CHECK(reused.data() == buffer);
 }
 
 TEST_CASE("trilinear: bad shapes, batch indices, points and geometries throw, outputs untouched",

@@ -52,9 +52,14 @@ class Relu {
   /// x: (N, C). Resizes and fills y (N, C); y may be the same matrix as x.
   Context forward(ConstMatrixRef<T> x, RowMatrix<T>& y) const {
     Context ctx;
+    forward(x, y, ctx);
+    return ctx;
+  }
+
+  /// The same into a context whose buffer is reused.
+  void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, Context& ctx) const {
     ctx.input = x;  // copied first, so y may alias x
     y = ctx.input.unaryExpr([](T v) { return value(v); });
-    return ctx;
   }
 
   /// dy: (N, C), the forward input's shape. If dx is given, overwrites it
@@ -64,9 +69,9 @@ class Relu {
                   "Relu::backward", "dy is ", dy.rows(), "x", dy.cols(), ", expected ",
                   ctx.input.rows(), "x", ctx.input.cols(), " (the forward input's shape)");
     if (dx == nullptr) return;
-    RowMatrix<T> out =
-        (dy.array() * ctx.input.unaryExpr([](T v) { return derivative(v); }).array()).matrix();
-    *dx = std::move(out);
+    if (dx->rows() != dy.rows() || dx->cols() != dy.cols()) dx->resize(dy.rows(), dy.cols());
+    // element by element: dx may be dy
+    dx->array() = dy.array() * ctx.input.unaryExpr([](T v) { return derivative(v); }).array();
   }
 
   /// No parameters: always empty.
@@ -100,9 +105,14 @@ class Sigmoid {
   /// x: (N, C). Resizes and fills y (N, C); y may be the same matrix as x.
   Context forward(ConstMatrixRef<T> x, RowMatrix<T>& y) const {
     Context ctx;
+    forward(x, y, ctx);
+    return ctx;
+  }
+
+  /// The same into a context whose buffer is reused.
+  void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, Context& ctx) const {
     ctx.output = x.unaryExpr([](T v) { return value(v); });  // evaluated before y is touched
     y = ctx.output;
-    return ctx;
   }
 
   /// dy: (N, C), the forward input's shape. If dx is given, overwrites it
@@ -112,9 +122,9 @@ class Sigmoid {
                   "Sigmoid::backward", "dy is ", dy.rows(), "x", dy.cols(), ", expected ",
                   ctx.output.rows(), "x", ctx.output.cols(), " (the forward input's shape)");
     if (dx == nullptr) return;
-    RowMatrix<T> out =
-        (dy.array() * ctx.output.array() * (T(1) - ctx.output.array())).matrix();
-    *dx = std::move(out);
+    if (dx->rows() != dy.rows() || dx->cols() != dy.cols()) dx->resize(dy.rows(), dy.cols());
+    // element by element: dx may be dy
+    dx->array() = dy.array() * ctx.output.array() * (T(1) - ctx.output.array());
   }
 
   /// No parameters: always empty.

@@ -57,6 +57,7 @@ class Mlp {
     typename Relu<T, Backend>::Context relu;
     typename Gelu<T, Backend>::Context gelu;
     typename Linear<T, Backend>::Context fc2;
+    RowMatrix<T> hidden;  // fc1's output, then the activation's (buffer reused)
   };
 
   Mlp(Index in_features, Index hidden_features, Index out_features, Rng& rng,
@@ -74,14 +75,21 @@ class Mlp {
     VQKIT_REQUIRE(x.cols() == fc1.in_features(), "Mlp::forward", "x has ", x.cols(),
                   " columns, expected in_features=", fc1.in_features());
     Context ctx;
-    RowMatrix<T> h;
-    ctx.fc1 = fc1.forward(x, h);
-    if (activation_ == Activation::relu)
-      ctx.relu = relu_.forward(h, h);
-    else
-      ctx.gelu = gelu_.forward(h, h);
-    ctx.fc2 = fc2.forward(h, y);
+    forward(x, y, ctx);
     return ctx;
+  }
+
+  /// The same into a context whose buffers are reused (no allocation of the
+  /// activations once ctx has held a batch of this size).
+  void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, Context& ctx) const {
+    VQKIT_REQUIRE(x.cols() == fc1.in_features(), "Mlp::forward", "x has ", x.cols(),
+                  " columns, expected in_features=", fc1.in_features());
+    fc1.forward(x, ctx.hidden, ctx.fc1);
+    if (activation_ == Activation::relu)
+      relu_.forward(ctx.hidden, ctx.hidden, ctx.relu);
+    else
+      gelu_.forward(ctx.hidden, ctx.hidden, ctx.gelu);
+    fc2.forward(ctx.hidden, y, ctx.fc2);
   }
 
   /// dy: (N, out). Accumulates the parameter gradients; if dx is given,
@@ -102,7 +110,7 @@ class Mlp {
                   "context input has ", ctx.fc1.input.cols(), " columns, expected in_features=",
                   fc1.in_features());
     check_parameters("Mlp::backward");
-    RowMatrix<T> d;
+    RowMatrix<T>& d = grad_scratch_;  // (N, hidden), reused across calls
     fc2.backward(ctx.fc2, dy, &d);
     if (activation_ == Activation::relu)
       relu_.backward(ctx.relu, d, &d);
@@ -134,6 +142,7 @@ class Mlp {
   Linear<T, Backend> fc2;  // (hidden -> out)
 
  private:
+  RowMatrix<T> grad_scratch_;
   Relu<T, Backend> relu_;
   Gelu<T, Backend> gelu_;
   Activation activation_;

@@ -128,27 +128,47 @@ void move_patches(Fine& fine, Coarse& coarse, const MapShape& fs, Index p, Subpi
 }  // namespace detail
 
 /// (B*H*W, C) -> (B*(H/p)*(W/p), p*p*C); see the header comment for the order.
+/// Into `out` (resized; its buffer is reused when the size matches), which
+/// must not be x.
+template <class T>
+void space_to_depth(ConstMatrixRef<T> x, const MapShape& fine, Index p, SubpixelOrder order,
+                    RowMatrix<T>& out) {
+  const MapShape cs = coarse_shape(fine, p, "space_to_depth");
+  require_map(x, fine, "space_to_depth");
+  VQKIT_REQUIRE(x.size() == 0 || out.data() != x.data(), "space_to_depth",
+                "out must not be the input");
+  out.resize(cs.rows(), p * p * x.cols());
+  detail::move_patches<true>(x, out, fine, p, order);
+}
+
 template <class T>
 RowMatrix<T> space_to_depth(ConstMatrixRef<T> x, const MapShape& fine, Index p,
                             SubpixelOrder order = SubpixelOrder::row_major) {
-  const MapShape cs = coarse_shape(fine, p, "space_to_depth");
-  require_map(x, fine, "space_to_depth");
-  RowMatrix<T> out(cs.rows(), p * p * x.cols());
-  detail::move_patches<true>(x, out, fine, p, order);
+  RowMatrix<T> out;
+  space_to_depth<T>(x, fine, p, order, out);
   return out;
 }
 
 /// (B*(H/p)*(W/p), p*p*C) -> (B*H*W, C) for the fine shape {B, H, W}; the
-/// inverse of space_to_depth with the same p and order.
+/// inverse of space_to_depth with the same p and order. Into `out` as above.
 template <class T>
-RowMatrix<T> depth_to_space(ConstMatrixRef<T> z, const MapShape& fine, Index p,
-                            SubpixelOrder order = SubpixelOrder::row_major) {
+void depth_to_space(ConstMatrixRef<T> z, const MapShape& fine, Index p, SubpixelOrder order,
+                    RowMatrix<T>& out) {
   const MapShape cs = coarse_shape(fine, p, "depth_to_space");
   require_map(z, cs, "depth_to_space");
   VQKIT_REQUIRE(z.cols() % (p * p) == 0, "depth_to_space", "input has ", z.cols(),
                 " columns, not a multiple of patch_size^2=", p * p);
-  RowMatrix<T> out(fine.rows(), z.cols() / (p * p));
+  VQKIT_REQUIRE(z.size() == 0 || out.data() != z.data(), "depth_to_space",
+                "out must not be the input");
+  out.resize(fine.rows(), z.cols() / (p * p));
   detail::move_patches<false>(out, z, fine, p, order);
+}
+
+template <class T>
+RowMatrix<T> depth_to_space(ConstMatrixRef<T> z, const MapShape& fine, Index p,
+                            SubpixelOrder order = SubpixelOrder::row_major) {
+  RowMatrix<T> out;
+  depth_to_space<T>(z, fine, p, order, out);
   return out;
 }
 

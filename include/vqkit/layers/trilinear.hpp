@@ -53,6 +53,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -185,9 +186,18 @@ class TrilinearSampler {
         for (int a = 0; a < 3; ++a)
           dpts(p, a) = dy.row(p).dot(ctx.jacobian.row(p).segment(a * C, C));
     }
-    RowMatrix<T> dg;
-    if (dgrid != nullptr) dg = grid_gradient(ctx, dy);
-    if (dgrid != nullptr) *dgrid = std::move(dg);
+    if (dgrid != nullptr) {
+      const T* d0 = dgrid->data();
+      const T* y0 = dy.data();
+      if (dgrid->size() > 0 && std::less_equal<const T*>()(d0, y0) &&
+          std::less<const T*>()(y0, d0 + dgrid->size())) {
+        RowMatrix<T> dg;  // dy lives in *dgrid: a temporary first
+        grid_gradient(ctx, dy, dg);
+        *dgrid = std::move(dg);
+      } else {
+        grid_gradient(ctx, dy, *dgrid);  // reuses dgrid's buffer when the size matches
+      }
+    }
     if (dpoints != nullptr) *dpoints = std::move(dpts);
   }
 
@@ -252,10 +262,10 @@ class TrilinearSampler {
     return d;
   }
 
-  RowMatrix<T> grid_gradient(const Context& ctx, const ConstMatrixRef<T>& dy) const {
+  void grid_gradient(const Context& ctx, const ConstMatrixRef<T>& dy, RowMatrix<T>& dg) const {
     const Index P = ctx.points.rows(), C = geo_.channels;
     const Index rows = ctx.batch * geo_.ny * geo_.nx;
-    RowMatrix<T> dg = RowMatrix<T>::Zero(rows, geo_.grid_cols());
+    dg.setZero(rows, geo_.grid_cols());
     std::vector<Cell> cells(static_cast<std::size_t>(P));
 #pragma omp parallel for schedule(static) num_threads(backend_.num_threads()) if (P >= 256)
     for (Index p = 0; p < P; ++p)
@@ -298,7 +308,6 @@ class TrilinearSampler {
         dg.row(r).segment(col, C) += static_cast<T>(corner_weight(c, k)) * dy.row(p);
       }
     }
-    return dg;
   }
 
   // Returns B; throws unless grid is (B*NY*NX, NZ*C) with B >= 1.

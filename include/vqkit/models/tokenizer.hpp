@@ -96,7 +96,7 @@ class Tokenizer {
   /// Forward, losses and (when `backward`) gradients accumulated into every
   /// parameter. The quantizer updates its EMA codebook in training mode.
   StepResult step(const Batch& b, bool backward) {
-    typename TokenizerNet<T, Backend>::Output out;
+    auto& out = out_;  // kept between steps: its feature grid buffer is reused
     const auto nctx = net.forward(net_input(b.vox), out);
     StepResult r;
     r.metrics = nctx.vq.metrics;
@@ -106,8 +106,8 @@ class Tokenizer {
     r.data_initialized = nctx.vq.data_initialized;
     r.loss.vq = double(nctx.vq.loss.total);
 
-    RenderContext rc;
-    RowMatrix<T> weights;
+    RenderContext& rc = rc_;  // kept between steps: its buffers are reused
+    RowMatrix<T>& weights = weights_;
     render_depth(out.grid, b.rays, b.samples.depth, rc, weights, r.depth);
 
     const RowMatrix<T> target_occ = b.occupancy.template as_matrix<T>();
@@ -127,9 +127,8 @@ class Tokenizer {
     dD *= wd;
     dw *= ws;
     dlogits *= wo;
-    RowMatrix<T> dgrid;
-    render_backward(rc, dw, dD, dgrid);
-    net.backward(nctx, dgrid, dlogits);
+    render_backward(rc, dw, dD, dgrid_);
+    net.backward(nctx, dgrid_, dlogits);
     return r;
   }
 
@@ -216,6 +215,10 @@ class Tokenizer {
 
  private:
   Backend backend_;
+  // Buffers of the feature grid's size, the step's largest, reused across
+  // steps (fresh ones would be mapped and faulted in page by page each step).
+  typename TokenizerNet<T, Backend>::Output out_;
+  RowMatrix<T> dgrid_;
 
   struct RenderContext {
     typename TrilinearSampler<T, Backend>::Context sample;
@@ -223,7 +226,11 @@ class Tokenizer {
     typename Sigmoid<T, Backend>::Context sigmoid;
     typename VolumeRenderer<T, Backend>::Context render;
     Index rays = 0, samples = 0;
+    RowMatrix<T> features;  // (R*S, channels): sampled features, then the MLP's output
+    RowMatrix<T> grad;      // (R*S, .): the gradient on its way back to the grid
   };
+  RenderContext rc_;
+  RowMatrix<T> weights_;
   Sigmoid<T, Backend> sigmoid_;
 
   void render_depth(const RowMatrix<T>& grid, const lidar::RayBatch<T>& rays,
@@ -237,21 +244,22 @@ class Tokenizer {
     const RowMatrix<T> pts = lidar::sample_points<T>(rays, ds);
     IndexVector bidx(R * S);
     for (Index r = 0; r < R; ++r) bidx.segment(r * S, S).setConstant(rays.batch[r]);
-    RowMatrix<T> f;
+    RowMatrix<T>& f = rc.features;
     rc.sample = sampler.forward(grid, pts, bidx, f, /*point_grad=*/false);
-    rc.mlp = alpha_mlp.forward(f, f);
-    rc.sigmoid = sigmoid_.forward(f, f);  // (R*S, 1)
+    alpha_mlp.forward(f, f, rc.mlp);
+    sigmoid_.forward(f, f, rc.sigmoid);  // (R*S, 1)
     const Eigen::Map<const RowMatrix<T>> alpha(f.data(), R, S);
     rc.render = renderer.forward(alpha, h, weights, depth);
   }
 
-  void render_backward(const RenderContext& rc, const RowMatrix<T>& dw, const RowMatrix<T>& dD,
+  void render_backward(RenderContext& rc, const RowMatrix<T>& dw, const RowMatrix<T>& dD,
                        RowMatrix<T>& dgrid) {
     const Index R = rc.rays, S = rc.samples;
     RowMatrix<T> da;
     const Eigen::Map<const Vector<T>> dDv(dD.data(), dD.size());
     renderer.backward(rc.render, dw, dDv, &da, nullptr);
-    RowMatrix<T> g = Eigen::Map<const RowMatrix<T>>(da.data(), R * S, 1);
+    RowMatrix<T>& g = rc.grad;
+    g = Eigen::Map<const RowMatrix<T>>(da.data(), R * S, 1);
     sigmoid_.backward(rc.sigmoid, g, &g);
     alpha_mlp.backward(rc.mlp, g, &g);
     sampler.backward(rc.sample, g, &dgrid, nullptr);

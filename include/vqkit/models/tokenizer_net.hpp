@@ -221,11 +221,15 @@ class TokenizerNet {
     c.dec1 = dec1.forward(x, x, dec_shape(B));
     record(out, "decoder.stage1", x);
     // Heads.
+    // The grid head's tensors are the step's largest (B * feature_grid_xy^2 *
+    // feature_grid_z * feature_channels values, 33 MB at the small config):
+    // they go to buffers reused from step to step (grid_scratch_, and
+    // out.grid when the caller keeps `out`), not to fresh allocations.
     RowMatrix<T> g;
     c.grid_ln = grid_ln.forward(x, g);
-    c.grid_fc = grid_fc.forward(g, g);
-    out.grid = depth_to_space<T>(g, grid_shape(B), config.feature_upsample(),
-                                 SubpixelOrder::row_major);
+    c.grid_fc = grid_fc.forward(g, grid_scratch_);
+    depth_to_space<T>(grid_scratch_, grid_shape(B), config.feature_upsample(),
+                      SubpixelOrder::row_major, out.grid);
     record(out, "grid_head", out.grid);
     c.skip_ln = skip_ln.forward(x, g);
     if (skip_down(config) > 1)
@@ -252,11 +256,11 @@ class TokenizerNet {
     VQKIT_REQUIRE(dlogits.rows() == occupancy_shape(B).rows() && dlogits.cols() == config.voxels_z,
                   where, "dlogits is ", dlogits.rows(), "x", dlogits.cols(), ", expected ",
                   occupancy_shape(B).rows(), "x", config.voxels_z);
-    RowMatrix<T> g = space_to_depth<T>(dgrid, grid_shape(B), config.feature_upsample(),
-                                       SubpixelOrder::row_major);
+    space_to_depth<T>(dgrid, grid_shape(B), config.feature_upsample(), SubpixelOrder::row_major,
+                      grid_scratch_);
     RowMatrix<T> dx, d2;
-    grid_fc.backward(c.grid_fc, g, &g);
-    grid_ln.backward(c.grid_ln, g, &dx);
+    grid_fc.backward(c.grid_fc, grid_scratch_, &dx);
+    grid_ln.backward(c.grid_ln, dx, &dx);
     if (skip_up(config) > 1) {
       const RowMatrix<T> dl = space_to_depth<T>(dlogits, occupancy_shape(B), skip_up(config),
                                                 SubpixelOrder::row_major);
@@ -362,6 +366,7 @@ class TokenizerNet {
 
  private:
   Backend backend_;
+  RowMatrix<T> grid_scratch_;  // the grid head's output / gradient, reused across steps
 
   /// The skip head's resolution change: the coarse occupancy grid is
   /// occupancy_pool voxels per cell, a decoder token patch_size voxels.
