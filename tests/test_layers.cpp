@@ -167,6 +167,16 @@ TEST_CASE("gemm reads strided views and rejects mismatched shapes before writing
                                        Op::none, b, keep.leftCols(29), true),
                     Contains("c is 17x29") && Contains("expected 17x30"));
   CHECK((keep.array() == 3.0f).all());
+
+  // K = 0: the empty sum, so c = bias (or 0), or c unchanged when accumulating.
+  const RowMatrix<float> a0(4, 0), b0(0, 3), bias = randn(1, 3, rng).cast<float>();
+  RowMatrix<float> c0 = RowMatrix<float>::Constant(4, 3, 5.0f);
+  vqkit::gemm<float>(vqkit::cpu{1}, Op::none, a0, Op::none, b0, c0, true);
+  CHECK((c0.array() == 5.0f).all());
+  vqkit::gemm<float>(vqkit::cpu{1}, Op::none, a0, Op::none, b0, c0, false, bias.data());
+  for (Index i = 0; i < 4; ++i) CHECK(c0.row(i) == bias.row(0));
+  vqkit::gemm<float>(vqkit::cpu{1}, Op::none, a0, Op::none, b0, c0, false);
+  CHECK(c0.isZero(0));
 }
 
 // ---------------------------------------------------------------- Linear ----

@@ -25,12 +25,11 @@
 // vqkit::error leaves the outputs untouched.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <type_traits>
 #include <utility>
-
-#include <algorithm>
 
 #include "vqkit/core/backend.hpp"
 #include "vqkit/core/error.hpp"
@@ -115,7 +114,7 @@ class Gelu {
   void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, Context& ctx) const {
     ctx.input = x;  // copied first, so y may alias x
     y.resize(ctx.input.rows(), ctx.input.cols());
-    if constexpr (std::is_same_v<T, float>)
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<Backend, cpu>)
       detail::gelu_float<false>(backend_, ctx.input.data(), nullptr, y.data(), y.size());
     else
       y = ctx.input.unaryExpr([](T v) { return value(v); });
@@ -128,7 +127,7 @@ class Gelu {
                   "Gelu::backward", "dy is ", dy.rows(), "x", dy.cols(), ", expected ",
                   ctx.input.rows(), "x", ctx.input.cols(), " (the forward input's shape)");
     if (dx == nullptr) return;
-    if constexpr (std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<Backend, cpu>) {
       if (dy.outerStride() == dy.cols()) {  // contiguous: dx may alias dy, element by element
         dx->resize(dy.rows(), dy.cols());
         detail::gelu_float<true>(backend_, ctx.input.data(), dy.data(), dx->data(), dx->size());

@@ -189,8 +189,9 @@ class TrilinearSampler {
     if (dgrid != nullptr) {
       const T* d0 = dgrid->data();
       const T* y0 = dy.data();
-      if (dgrid->size() > 0 && std::less_equal<const T*>()(d0, y0) &&
-          std::less<const T*>()(y0, d0 + dgrid->size())) {
+      const T* y1 = dy.size() > 0 ? y0 + (dy.rows() - 1) * dy.outerStride() + dy.cols() : y0;
+      const std::less<const T*> lt;
+      if (dgrid->size() > 0 && dy.size() > 0 && lt(d0, y1) && lt(y0, d0 + dgrid->size())) {
         RowMatrix<T> dg;  // dy lives in *dgrid: a temporary first
         grid_gradient(ctx, dy, dg);
         *dgrid = std::move(dg);
