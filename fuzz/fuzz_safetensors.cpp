@@ -49,6 +49,16 @@ void read_any(const st::Tensor& t, const std::string& name) {
     case st::DType::I32: return read_typed<std::int32_t>(t, name);
     case st::DType::U64: return read_typed<std::uint64_t>(t, name);
     case st::DType::U8: return read_typed<std::uint8_t>(t, name);
+    case st::DType::U32: return read_typed<std::uint32_t>(t, name);
+    case st::DType::U16: return read_typed<std::uint16_t>(t, name);
+    case st::DType::I16: return read_typed<std::int16_t>(t, name);
+    case st::DType::I8: return read_typed<std::int8_t>(t, name);
+    case st::DType::F16:
+    case st::DType::BF16:
+    case st::DType::BOOL:
+    case st::DType::F8_E5M2:
+    case st::DType::F8_E4M3:
+      return;  // bytes only (no C++ element type)
   }
 }
 

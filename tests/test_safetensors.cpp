@@ -413,7 +413,8 @@ TEST_CASE("safetensors: hostile headers are rejected with vqkit::error") {
       {R"("x")", 0, "must be a JSON object"},
       {R"({"a":5})", 0, "tensor 'a' must be an object"},
       {R"({"a":[1]})", 0, "tensor 'a' must be an object"},
-      {R"({"a":{"dtype":"F16","shape":[1],"data_offsets":[0,2]}})", 2, "unsupported dtype"},
+      {R"({"a":{"dtype":"C64","shape":[1],"data_offsets":[0,8]}})", 8, "unsupported dtype"},
+      {R"({"a":{"dtype":"f16","shape":[1],"data_offsets":[0,2]}})", 2, "unsupported dtype"},
       {R"({"a":{"dtype":"f32","shape":[1],"data_offsets":[0,4]}})", 4, "unsupported dtype"},
       {R"({"a":{"dtype":3,"shape":[1],"data_offsets":[0,4]}})", 4, "dtype must be a string"},
       {R"({"a":{"dtype":"F32","shape":[1]}})", 4, "needs the fields"},
@@ -577,4 +578,31 @@ TEST_CASE("safetensors: random corruption only ever raises vqkit::error") {
   }
   CHECK(rejected > 0);
   CHECK(accepted > 0);
+}
+
+TEST_CASE("safetensors: every dtype of the format round-trips; the integer ones have typed access",
+          "[safetensors]") {
+  st::File f;
+  for (const st::DType d : st::all_dtypes) {
+    st::DType back{};
+    REQUIRE(st::dtype_from_name(st::dtype_name(d), back));
+    CHECK(back == d);
+    st::Tensor t;
+    t.dtype = d;
+    t.shape = {3};
+    for (std::size_t i = 0; i < 3 * st::dtype_size(d); ++i) t.bytes.push_back(std::uint8_t(i * 37 + 1));
+    f.tensors[st::dtype_name(d)] = t;
+  }
+  CHECK(f.tensors.size() == 15);
+  const st::File g = st::parse(st::serialize(f));
+  for (const auto& [name, t] : f.tensors) {
+    INFO(name);
+    CHECK(g.at(name).dtype == t.dtype);
+    CHECK(g.at(name).bytes == t.bytes);
+  }
+  const std::vector<std::int16_t> v = {-32768, 7, 32767};
+  CHECK(st::to_vector<std::int16_t>(st::from_vector(v)) == Eigen::Map<const Eigen::Matrix<std::int16_t, -1, 1>>(v.data(), 3));
+  STATIC_REQUIRE(st::dtype_of<std::uint32_t>() == st::DType::U32);
+  STATIC_REQUIRE(st::dtype_of<signed char>() == st::DType::I8);
+  REQUIRE_THROWS_WITH(st::to_vector<std::uint16_t>(g.at("BF16"), "BF16"), Catch::Contains("has dtype BF16"));
 }

@@ -29,9 +29,6 @@
 //    match T exactly; there are no silent conversions.
 #pragma once
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <bit>
 #include <cerrno>
@@ -49,14 +46,27 @@
 
 #include "vqkit/core/error.hpp"
 #include "vqkit/core/types.hpp"
+#include "vqkit/io/atomic_file.hpp"
 
 namespace vqkit::safetensors {
 
 static_assert(std::endian::native == std::endian::little,
               "vqkit/io/safetensors.hpp assumes a little-endian host");
 
-/// The element types vqkit reads and writes.
-enum class DType { F32, F64, I64, I32, U64, U8 };
+/// Every element type of the format. All of them parse (a PyTorch state dict
+/// holds bool flags and half-precision tensors beside the one a program
+/// wants); typed access (to_matrix<T> and friends) exists for those with a
+/// C++ type: F32, F64 and the integers. F16 and BF16 are read through
+/// io/codebook.hpp's exact widening to float; BOOL and the two 8-bit float
+/// formats are carried as bytes only (a bool read from a byte other than 0
+/// or 1 would be undefined behaviour).
+enum class DType { F32, F64, I64, I32, U64, U8, F16, BF16, BOOL, I8, I16, U16, U32, F8_E5M2, F8_E4M3 };
+
+/// All dtypes, in enum order.
+inline constexpr DType all_dtypes[] = {DType::F32,  DType::F64, DType::I64,     DType::I32,
+                                       DType::U64,  DType::U8,  DType::F16,     DType::BF16,
+                                       DType::BOOL, DType::I8,  DType::I16,     DType::U16,
+                                       DType::U32,  DType::F8_E5M2, DType::F8_E4M3};
 
 /// Largest accepted JSON header, in bytes (the limit the reference
 /// implementation uses).
@@ -76,7 +86,18 @@ constexpr std::size_t dtype_size(DType d) {
     case DType::U64:
       return 8;
     case DType::U8:
+    case DType::BOOL:
+    case DType::I8:
+    case DType::F8_E5M2:
+    case DType::F8_E4M3:
       return 1;
+    case DType::F16:
+    case DType::BF16:
+    case DType::I16:
+    case DType::U16:
+      return 2;
+    case DType::U32:
+      return 4;
   }
   return 0;
 }
@@ -96,13 +117,31 @@ inline const char* dtype_name(DType d) {
       return "U64";
     case DType::U8:
       return "U8";
+    case DType::F16:
+      return "F16";
+    case DType::BF16:
+      return "BF16";
+    case DType::BOOL:
+      return "BOOL";
+    case DType::I8:
+      return "I8";
+    case DType::I16:
+      return "I16";
+    case DType::U16:
+      return "U16";
+    case DType::U32:
+      return "U32";
+    case DType::F8_E5M2:
+      return "F8_E5M2";
+    case DType::F8_E4M3:
+      return "F8_E4M3";
   }
   return "?";
 }
 
 /// The dtype called name ("F32", ...); false for other names.
 inline bool dtype_from_name(const std::string& name, DType& out) {
-  for (DType d : {DType::F32, DType::F64, DType::I64, DType::I32, DType::U64, DType::U8}) {
+  for (DType d : all_dtypes) {
     if (name == dtype_name(d)) {
       out = d;
       return true;
@@ -111,8 +150,8 @@ inline bool dtype_from_name(const std::string& name, DType& out) {
   return false;
 }
 
-/// The dtype that stores C++ type T (float, double, and 64/32-bit signed,
-/// 64-bit unsigned and 8-bit unsigned integers, whatever their spelling).
+/// The dtype that stores C++ type T (float, double, and 8- to 64-bit
+/// integers, whatever their spelling; not bool, see DType).
 template <class T>
 constexpr DType dtype_of() {
   using U = std::remove_cv_t<T>;
@@ -120,18 +159,12 @@ constexpr DType dtype_of() {
     return DType::F32;
   } else if constexpr (std::is_same_v<U, double>) {
     return DType::F64;
-  } else if constexpr (std::is_integral_v<U> && !std::is_same_v<U, bool> && std::is_signed_v<U> &&
-                       sizeof(U) == 8) {
-    return DType::I64;
-  } else if constexpr (std::is_integral_v<U> && !std::is_same_v<U, bool> && std::is_signed_v<U> &&
-                       sizeof(U) == 4) {
-    return DType::I32;
-  } else if constexpr (std::is_integral_v<U> && !std::is_same_v<U, bool> && std::is_unsigned_v<U> &&
-                       sizeof(U) == 8) {
-    return DType::U64;
-  } else if constexpr (std::is_integral_v<U> && !std::is_same_v<U, bool> && std::is_unsigned_v<U> &&
-                       sizeof(U) == 1) {
-    return DType::U8;
+  } else if constexpr (std::is_integral_v<U> && !std::is_same_v<U, bool> && std::is_signed_v<U>) {
+    static_assert(sizeof(U) == 1 || sizeof(U) == 2 || sizeof(U) == 4 || sizeof(U) == 8);
+    return sizeof(U) == 8 ? DType::I64 : sizeof(U) == 4 ? DType::I32 : sizeof(U) == 2 ? DType::I16 : DType::I8;
+  } else if constexpr (std::is_integral_v<U> && !std::is_same_v<U, bool> && std::is_unsigned_v<U>) {
+    static_assert(sizeof(U) == 1 || sizeof(U) == 2 || sizeof(U) == 4 || sizeof(U) == 8);
+    return sizeof(U) == 8 ? DType::U64 : sizeof(U) == 4 ? DType::U32 : sizeof(U) == 2 ? DType::U16 : DType::U8;
   } else {
     static_assert(sizeof(U) == 0, "safetensors: unsupported element type");
   }
@@ -611,49 +644,7 @@ inline File load(const std::string& path) {
 }
 
 namespace detail {
-
-/// Writes bytes to path atomically (temp file + fsync + rename); see save().
-inline void write_file_atomic(const std::string& path, const std::vector<std::uint8_t>& bytes,
-                              const char* where) {
-  const std::string tmp = path + ".tmp." + std::to_string(static_cast<long long>(::getpid()));
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
-  VQKIT_REQUIRE(fd >= 0, where, "cannot create the temporary file '", tmp,
-                "': ", std::strerror(errno));
-  auto fail = [&](const char* what, int err, bool close_fd) {
-    if (close_fd) ::close(fd);
-    ::unlink(tmp.c_str());
-    ::vqkit::detail::throw_error(where, what, " '", tmp, "' failed: ", std::strerror(err), "; '",
-                                 path, "' is unchanged");
-  };
-  const std::uint8_t* p = bytes.data();
-  std::size_t left = bytes.size();
-  while (left > 0) {
-    const ::ssize_t n = ::write(fd, p, left);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) fail("writing", n < 0 ? errno : EIO, true);
-    p += n;
-    left -= static_cast<std::size_t>(n);
-  }
-  if (::fsync(fd) != 0) fail("fsync of", errno, true);
-  if (::close(fd) != 0) fail("closing", errno, false);
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    const int err = errno;
-    ::unlink(tmp.c_str());
-    ::vqkit::detail::throw_error(where, "renaming '", tmp, "' to '", path,
-                                 "' failed: ", std::strerror(err), "; '", path, "' is unchanged");
-  }
-  // Make the rename itself durable (best effort: not every filesystem allows
-  // fsync on a directory).
-  const auto slash = path.find_last_of('/');
-  const std::string dir =
-      slash == std::string::npos ? std::string(".") : (slash == 0 ? "/" : path.substr(0, slash));
-  const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd >= 0) {
-    (void)::fsync(dfd);
-    ::close(dfd);
-  }
-}
-
+using ::vqkit::io::detail::write_file_atomic;
 }  // namespace detail
 
 /// Writes f to path atomically: validate and serialize in memory, write
