@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <vqkit/layers/quantizer_block.hpp>
 #include <vqkit/layers/vector_quantizer.hpp>
+#include <vqkit/quantizer/codebook.hpp>
 
 #include "test_util.hpp"
 
@@ -120,6 +121,25 @@ TEST_CASE("a steady VectorQuantizer<float> step makes no heap allocation", "[all
       // The allocating form, for contrast: it builds a new context.
       CHECK(allocations([&] { auto c = vq.forward(batches[1], q); }) > 0);
     }
+  }
+}
+
+TEST_CASE("Codebook::encode/decode of a steady batch shape make no heap allocation", "[alloc][codebook]") {
+  if (!avx512_search_supported())
+    VQKIT_SKIP("no AVX-512F: the generic search path allocates its tiles per call");
+  for (const int threads : {1, 2}) {
+    INFO("threads " << threads);
+    Codebook<float> cb(test::gaussian<float>(300, 48, 1), Metric::l2, Precision::fp32, cpu{threads});
+    const RowMatrix<float> x = test::gaussian<float>(700, 48, 2);
+    IndexVector idx(x.rows());
+    Vector<float> dist;
+    RowMatrix<float> back(x.rows(), 48);
+    cb.encode(x, idx, &dist);  // warm-up: the workspace grows here
+    CHECK(allocations([&] {
+            cb.encode(x, idx, &dist);
+            cb.decode(idx, back);
+          }) == 0);
+    CHECK(allocations([&] { auto i = cb.encode(x); }) > 0);  // the allocating form, for contrast
   }
 }
 

@@ -2,14 +2,17 @@
 // <vqkit/layers.hpp> plus the LiDAR code (KITTI reader, voxeliser, rays,
 // augmentation, evaluation metrics, bird's-eye images), the tokenizer's
 // config (JSON: needs nlohmann-json), network, training checkpoints and the
-// I/O they use (safetensors, vecs, quantizer checkpoints). Not the training
+// I/O (safetensors, .npy, vecs, quantizer checkpoints, codebook import). Not the training
 // programs' progress plots (vqkit/util/progress.hpp runs gnuplot):
 // <vqkit/vqkit.hpp> has those too.
 #pragma once
 
 #include "vqkit/layers.hpp"
 
+#include "vqkit/io/atomic_file.hpp"
 #include "vqkit/io/checkpoint.hpp"
+#include "vqkit/io/codebook.hpp"
+#include "vqkit/io/npy.hpp"
 #include "vqkit/io/safetensors.hpp"
 #include "vqkit/io/vecs.hpp"
 #include "vqkit/lidar/augment.hpp"
