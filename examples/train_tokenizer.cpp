@@ -63,15 +63,18 @@
 #include <vqkit/tokenizer/config.hpp>
 #include <vqkit/util/progress.hpp>
 
+#include "cli.hpp"
+
 namespace {
+
+using vqkit::cli::bad_value;
+using vqkit::cli::parse_int;
+using vqkit::cli::UsageError;
+namespace cli = vqkit::cli;
 
 namespace fs = std::filesystem;
 using vqkit::Index;
 using Clock = std::chrono::steady_clock;
-
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
 
 constexpr std::int64_t kDefaultSteps = 300;  // a demo length, not the config's total_steps
 constexpr int kSyntheticFrames = 8;
@@ -118,46 +121,13 @@ void print_usage() {
       kDefaultData, kSyntheticFrames, static_cast<long long>(kDefaultSteps));
 }
 
-[[noreturn]] void bad_value(std::string_view flag, std::string_view value, std::string_view want) {
-  throw UsageError(std::string(flag) + ": bad value '" + std::string(value) + "': expected " +
-                   std::string(want));
-}
-
-template <class Int>
-Int parse_int(std::string_view flag, std::string_view text, Int lo, std::string_view want) {
-  Int v{};
-  const char* end = text.data() + text.size();
-  const auto [p, ec] = std::from_chars(text.data(), end, v);
-  if (text.empty() || ec != std::errc() || p != end || v < lo) bad_value(flag, text, want);
-  return v;
-}
-
 Options parse_args(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string_view arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
-      o.help = true;
-      continue;
-    }
-    if (arg.substr(0, 2) != "--") throw UsageError("unexpected argument '" + std::string(arg) + "'");
-    std::string_view flag = arg, value;
-    bool have_value = false;
-    if (const auto eq = arg.find('='); eq != std::string_view::npos) {
-      flag = arg.substr(0, eq);
-      value = arg.substr(eq + 1);
-      have_value = true;
-    }
-    const auto next = [&]() -> std::string_view {
-      if (have_value) return value;
-      if (i + 1 >= argc) throw UsageError(std::string(flag) + ": missing value");
-      return argv[++i];
-    };
-    const auto path = [&]() {
-      const std::string v(next());
-      if (v.empty()) bad_value(flag, v, "a path");
-      return v;
-    };
+  cli::Args args(argc, argv);
+  while (args.next()) {
+    const std::string_view flag = args.flag();
+    const auto next = [&] { return args.value(); };
+    const auto path = [&] { return args.path(); };
     if (flag == "--config") o.config = path();
     else if (flag == "--data") o.data = path();
     else if (flag == "--out") o.out = path();
@@ -170,8 +140,9 @@ Options parse_args(int argc, char** argv) {
       o.seed = parse_int<std::uint64_t>(flag, next(), 0, "an integer in [0, 2^64)");
       o.has_seed = true;
     } else
-      throw UsageError("unknown option '" + std::string(flag) + "' (see --help)");
+      args.unknown();
   }
+  o.help = args.help();
   return o;
 }
 
@@ -489,24 +460,5 @@ int run(const Options& o) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Options o;
-  try {
-    o = parse_args(argc, argv);
-  } catch (const UsageError& e) {
-    std::fprintf(stderr, "train_tokenizer: %s\n", e.what());
-    return 2;
-  }
-  if (o.help) {
-    print_usage();
-    return 0;
-  }
-  try {
-    return run(o);
-  } catch (const UsageError& e) {
-    std::fprintf(stderr, "train_tokenizer: %s\n", e.what());
-    return 2;
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "train_tokenizer: %s\n", e.what());
-    return 1;
-  }
+  return vqkit::cli::run_main("train_tokenizer", [&] { return parse_args(argc, argv); }, print_usage, run);
 }

@@ -34,16 +34,19 @@
 #include <vqkit/io/vecs.hpp>
 #include <vqkit/vqkit.hpp>
 
+#include "cli.hpp"
+
 namespace {
+
+using vqkit::cli::bad_value;
+using vqkit::cli::parse_double;
+using vqkit::cli::parse_int;
+using vqkit::cli::UsageError;
+namespace cli = vqkit::cli;
 
 using vqkit::Index;
 using Matrix = vqkit::RowMatrix<float>;
 using Clock = std::chrono::steady_clock;
-
-/// A bad command line: reported with exit status 2.
-struct UsageError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
 
 // ---- options ------------------------------------------------------------------------
 
@@ -143,51 +146,12 @@ void print_usage() {
       kWarmupFraction * 100, static_cast<long long>(kSmoothSteps), kSpikeLimit * 100);
 }
 
-[[noreturn]] void bad_value(std::string_view flag, std::string_view value, std::string_view want) {
-  throw UsageError(std::string(flag) + ": bad value '" + std::string(value) + "': expected " +
-                   std::string(want));
-}
-
-template <class Int>
-Int parse_int(std::string_view flag, std::string_view text, Int lo, std::string_view want) {
-  Int v{};
-  const char* end = text.data() + text.size();
-  const auto [p, ec] = std::from_chars(text.data(), end, v);
-  if (text.empty() || ec != std::errc() || p != end || v < lo) bad_value(flag, text, want);
-  return v;
-}
-
-double parse_double(std::string_view flag, std::string_view text, bool (*ok)(double),
-                    std::string_view want) {
-  double v = 0;
-  const char* end = text.data() + text.size();
-  const auto [p, ec] = std::from_chars(text.data(), end, v);
-  if (text.empty() || ec != std::errc() || p != end || !std::isfinite(v) || !ok(v))
-    bad_value(flag, text, want);
-  return v;
-}
-
 Options parse_args(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    std::string_view arg = argv[i];
-    if (arg == "--help" || arg == "-h") {
-      o.help = true;
-      continue;
-    }
-    if (arg.substr(0, 2) != "--") throw UsageError("unexpected argument '" + std::string(arg) + "'");
-    std::string_view flag = arg, value;
-    bool have_value = false;
-    if (const auto eq = arg.find('='); eq != std::string_view::npos) {
-      flag = arg.substr(0, eq);
-      value = arg.substr(eq + 1);
-      have_value = true;
-    }
-    auto next = [&]() -> std::string_view {
-      if (have_value) return value;
-      if (i + 1 >= argc) throw UsageError(std::string(flag) + ": missing value");
-      return argv[++i];
-    };
+  cli::Args args(argc, argv);
+  while (args.next()) {
+    const std::string_view flag = args.flag();
+    const auto next = [&] { return args.value(); };
 
     if (flag == "--data") {
       o.data = next();
@@ -243,9 +207,10 @@ Options parse_args(int argc, char** argv) {
     } else if (flag == "--csv") {
       o.csv = next();
     } else {
-      throw UsageError("unknown option '" + std::string(flag) + "' (see --help)");
+      args.unknown();
     }
   }
+  o.help = args.help();
   return o;
 }
 
@@ -625,24 +590,5 @@ int run(const Options& o) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  try {
-    const Options o = parse_args(argc, argv);
-    if (o.help) {
-      print_usage();
-      return 0;
-    }
-    return run(o);
-  } catch (const UsageError& e) {
-    std::fflush(stdout);
-    std::fprintf(stderr, "vq_train: %s\n", e.what());
-    return 2;
-  } catch (const vqkit::error& e) {
-    std::fflush(stdout);
-    std::fprintf(stderr, "vq_train: error: %s\n", e.what());
-    return 1;
-  } catch (const std::exception& e) {
-    std::fflush(stdout);
-    std::fprintf(stderr, "vq_train: error: %s\n", e.what());
-    return 1;
-  }
+  return vqkit::cli::run_main("vq_train", [&] { return parse_args(argc, argv); }, print_usage, run);
 }
