@@ -5,7 +5,7 @@
 // -march), and inside vqkit's build with -march=native (vqkit_consumer_native);
 // both must print the same digest, and the plain build must have run the
 // AVX-512 kernel (run-time dispatch) on a CPU that has AVX-512F.
-#include <vqkit/vqkit.hpp>
+#include <vqkit/quantizer.hpp>  // the core component: Eigen (+ OpenMP) only
 
 #include <cstdint>
 #include <cstring>
