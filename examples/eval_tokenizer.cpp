@@ -189,7 +189,7 @@ int run(const Options& o) {
   vqkit::Rng rng(o.seed);
   std::vector<FrameResult> results;
   vqkit::Vector<double> counts = vqkit::Vector<double>::Zero(cfg.codebook_size);
-  double sum_abs = 0, sum_sq = 0, sum_within = 0;
+  double sum_abs = 0, sum_sq = 0, sum_within = 0, bar_metres = 0;
   Index total_rays = 0;
   std::printf("\n%5s %8s %9s %9s %8s %10s %8s %6s\n", "frame", "rays", "MAE [m]", "RMSE [m]",
               "<1 m", "Chamfer[m]", "ppl", "codes");
@@ -228,14 +228,17 @@ int run(const Options& o) {
                 static_cast<long long>(R), fr.mae, fr.rmse, 100.0 * fr.within, fr.chamfer,
                 fr.perplexity, static_cast<long long>(fr.usage));
     if (fi == 0) {
-      vqkit::lidar::BevView view;
-      view.x_min = cfg.roi_x_min;
-      view.x_max = cfg.roi_x_max;
-      view.y_min = cfg.roi_y_min;
-      view.y_max = cfg.roi_y_max;
+      // Both panels show the whole ROI at the same scale (square pixels),
+      // each with a scale bar.
+      auto view = vqkit::lidar::square_pixel_view(cfg.roi_x_min, cfg.roi_x_max, cfg.roi_y_min, cfg.roi_y_max);
       view.y_up = true;
-      const auto img = vqkit::lidar::compare_bev<float>(input, recon, view);
-      vqkit::lidar::write_png((fs::path(o.out) / "bev_frame0.png").string(), img);
+      bar_metres = vqkit::lidar::scale_bar_metres(view);
+      auto left = vqkit::lidar::bev_height_image<float>(input, view);
+      auto right = vqkit::lidar::bev_height_image<float>(recon, view);
+      vqkit::lidar::draw_scale_bar(left, view, bar_metres);
+      vqkit::lidar::draw_scale_bar(right, view, bar_metres);
+      vqkit::lidar::write_png((fs::path(o.out) / "bev_frame0.png").string(),
+                              vqkit::lidar::side_by_side(left, right));
     }
     results.push_back(fr);
   }
@@ -312,8 +315,10 @@ int run(const Options& o) {
       << "\nDepth errors are over rays (the \"all\" row weights frames by their rays); Chamfer is "
          "(input->reconstruction + reconstruction->input) / 2 in metres, averaged over frames; "
          "perplexity and codes of the \"all\" row are over every frame's tokens. "
-         "`bev_frame0.png`: input (left) and reconstruction (right), bird's eye view, y up, "
-         "coloured by height.\n";
+         "`bev_frame0.png`: input (left) and reconstruction (right), bird's eye view of the "
+         "whole ROI, y up, the same extent and scale in both panels (square pixels), coloured by "
+         "height; the white bar at the bottom left is "
+      << bar_metres << " m.\n";
     if (!f.good()) throw vqkit::error("cannot write " + (out / "eval.md").string());
   }
   std::printf("wrote %s, %s, %s\n", (out / "eval.json").string().c_str(),

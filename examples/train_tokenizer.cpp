@@ -16,16 +16,23 @@
 // quantizer and the data Rng, so --resume continues with exactly the same
 // draws and updates as a run that never stopped: bit-identical with the same
 // --threads (checked: 30 steps straight vs 15 + resume + 15 give the same
-// checkpoint bytes). With another thread count the run drifts in the last
-// bits: Eigen's own multithreaded matrix products pick their blocking from
-// the thread count, so their rounding depends on it (vqkit's own loops do
-// not); Eigen::setNbThreads(1) would remove that at about 1.6x the step time.
-// The thread count is saved with the checkpoint and a resume with another
-// one says so.
+// checkpoint bytes), and with any other thread count too: every product and
+// reduction of a step is vqkit's own, with a fixed order (docs/tokenizer.md).
+//
+// Validation (--val-data DIR, or --holdout N: the last N frames of the data
+// are not trained on): every --val-every steps and after the last one, the
+// held-out frames and as many training frames (the first ones) are
+// reconstructed as eval_tokenizer does (tk.reconstruct: quantizer in eval
+// mode, --val-rays rays per frame drawn by a fixed-seed Rng, the same rays
+// every time), and depth MAE, the share of rays within 1 m and the codes
+// used by their tokens go to val.csv and val.png. Validation draws nothing
+// from the data Rng and changes no state: the training steps are the same
+// bit for bit with or without it.
 //
 // Outputs under --out: train.csv (one row per step), loss.png and
 // codebook.png (when gnuplot is installed; the .gp scripts are always
-// written), checkpoints/step_NNNNNN.safetensors. Run with --help.
+// written), val.csv and val.png with validation,
+// checkpoints/step_NNNNNN.safetensors. Run with --help.
 //
 // Exit status: 0 after a completed run, 1 on a vqkit or I/O error, 2 on a
 // bad command line.
@@ -40,7 +47,9 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <iterator>
 #include <map>
+#include <memory>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -53,6 +62,7 @@
 #endif
 
 #include <vqkit/lidar/augment.hpp>
+#include <vqkit/lidar/eval_metrics.hpp>
 #include <vqkit/lidar/kitti.hpp>
 #include <vqkit/lidar/synthetic_scene.hpp>
 #include <vqkit/models/tokenizer.hpp>
@@ -87,6 +97,10 @@ struct Options {
   std::string out = "runs/tokenizer";
   std::int64_t checkpoint_every = 100;
   std::string resume;
+  std::string val_data;         // held-out frames from another folder
+  Index holdout = 0;            // or: the last N frames of --data
+  std::int64_t val_every = 50;  // validation period in steps
+  Index val_rays = 16384;       // rays per validation frame (0: all in the ROI)
   int threads = 0;
   bool has_seed = false;
   std::uint64_t seed = 0;
@@ -113,6 +127,10 @@ void print_usage() {
       "  --out DIR              CSV, plots and checkpoints (default runs/tokenizer)\n"
       "  --checkpoint-every N   save every N steps, 0 = only at the end (default 100)\n"
       "  --resume FILE          continue from a checkpoint of this program\n"
+      "  --val-data DIR         held-out KITTI frames to validate on (val.csv, val.png)\n"
+      "  --holdout N            or: hold out the last N frames of the data (not trained on)\n"
+      "  --val-every N          validate every N steps and at the end (default 50)\n"
+      "  --val-rays N           rays per validation frame, 0 = all in the ROI (default 16384)\n"
       "  --threads N            OpenMP and Eigen threads, 0 = OpenMP's default (default 0);\n"
       "                         results do not depend on it (bit for bit)\n"
       "  --seed S               overrides the config's seed (model init, data draws and\n"
@@ -132,6 +150,10 @@ Options parse_args(int argc, char** argv) {
     else if (flag == "--data") o.data = path();
     else if (flag == "--out") o.out = path();
     else if (flag == "--resume") o.resume = path();
+    else if (flag == "--val-data") o.val_data = path();
+    else if (flag == "--holdout") o.holdout = parse_int<Index>(flag, next(), 1, "an integer >= 1");
+    else if (flag == "--val-every") o.val_every = parse_int<std::int64_t>(flag, next(), 1, "an integer >= 1");
+    else if (flag == "--val-rays") o.val_rays = parse_int<Index>(flag, next(), 0, "an integer >= 0");
     else if (flag == "--steps") o.steps = parse_int<std::int64_t>(flag, next(), 1, "an integer >= 1");
     else if (flag == "--checkpoint-every")
       o.checkpoint_every = parse_int<std::int64_t>(flag, next(), 0, "an integer >= 0");
@@ -143,6 +165,8 @@ Options parse_args(int argc, char** argv) {
       args.unknown();
   }
   o.help = args.help();
+  if (!o.val_data.empty() && o.holdout > 0)
+    throw UsageError("--val-data and --holdout exclude each other (see --help)");
   return o;
 }
 
@@ -194,15 +218,17 @@ const std::vector<std::string> kColumns = {
 enum Col { kStep, kSeconds, kLr, kTotal, kDepth, kSurface, kOcc, kVq, kGrad, kPpl, kUsage, kWindow,
            kDead, kReinit, kReplaced };
 
-/// Rows of an earlier train.csv with step <= last_step (for --resume).
-std::vector<std::vector<double>> read_history(const std::string& path, std::int64_t last_step) {
+/// Rows of an earlier CSV of these columns (step first) with step <= last_step
+/// (for --resume).
+std::vector<std::vector<double>> read_history(const std::string& path, const std::vector<std::string>& columns,
+                                              std::int64_t last_step) {
   std::vector<std::vector<double>> rows;
   std::ifstream in(path);
   if (!in.good()) return rows;
   std::string line;
   std::getline(in, line);
   std::string header;
-  for (std::size_t i = 0; i < kColumns.size(); ++i) header += (i ? "," : "") + kColumns[i];
+  for (std::size_t i = 0; i < columns.size(); ++i) header += (i ? "," : "") + columns[i];
   if (line != header) return rows;
   while (std::getline(in, line)) {
     std::vector<double> v;
@@ -219,8 +245,8 @@ std::vector<std::vector<double>> read_history(const std::string& path, std::int6
       }
       v.push_back(x);
     }
-    if (v.size() != kColumns.size()) continue;
-    if (v[kStep] <= static_cast<double>(last_step)) rows.push_back(std::move(v));
+    if (v.size() != columns.size()) continue;
+    if (v[0] <= static_cast<double>(last_step)) rows.push_back(std::move(v));
   }
   return rows;
 }
@@ -242,6 +268,44 @@ std::string checkpoint_name(const fs::path& dir, std::int64_t step) {
   char buf[32];
   std::snprintf(buf, sizeof buf, "step_%06lld.safetensors", static_cast<long long>(step));
   return (dir / buf).string();
+}
+
+// ---- validation -------------------------------------------------------------------
+
+const std::vector<std::string> kValColumns = {"step",      "train_mae", "train_within_1m", "train_codes",
+                                              "val_mae",   "val_within_1m", "val_codes", "val_perplexity"};
+constexpr std::uint64_t kValSeed = 0x5eed0fa1;  // the validation rays: the same at every step
+
+struct Scores {
+  double mae = std::nan(""), within = std::nan(""), perplexity = std::nan("");
+  Index codes = 0, rays = 0;
+};
+
+/// Reconstructs each frame alone as eval_tokenizer does and scores it: depth
+/// MAE and share within 1 m over all rays, codes used and perplexity over all
+/// tokens. Uses its own Rng; the tokenizer's training state is untouched.
+Scores score_frames(vqkit::Tokenizer<float>& tk, const std::vector<vqkit::RowMatrix<float>>& frames, Index rays) {
+  vqkit::Rng rng(kValSeed);
+  vqkit::Vector<double> counts = vqkit::Vector<double>::Zero(tk.config().codebook_size);
+  double sum_abs = 0, sum_within = 0;
+  Scores sc;
+  for (const auto& f : frames) {
+    const auto rec = tk.reconstruct({f}, rng, rays);
+    const Index R = rec.rays.size();
+    if (R == 0) continue;
+    const auto de = vqkit::lidar::depth_errors<float>(rec.depth, rec.rays.depth, 1.0);
+    sum_abs += de.mae * static_cast<double>(R);
+    sum_within += de.within * static_cast<double>(R);
+    sc.rays += R;
+    for (Index i = 0; i < rec.codes.size(); ++i) counts[rec.codes[i]] += 1.0;
+  }
+  if (sc.rays == 0) return sc;
+  sc.mae = sum_abs / static_cast<double>(sc.rays);
+  sc.within = sum_within / static_cast<double>(sc.rays);
+  const auto m = vqkit::batch_metrics(counts);
+  sc.codes = m.usage;
+  sc.perplexity = m.perplexity;
+  return sc;
 }
 
 int run(const Options& o) {
@@ -267,8 +331,28 @@ int run(const Options& o) {
   if (o.has_seed) cfg.seed = o.seed;
   cfg.validate();
 
-  const Dataset data = load_data(o.data);
+  Dataset data = load_data(o.data);
+  std::vector<vqkit::RowMatrix<float>> val_frames;
+  std::string val_description;
+  if (o.holdout > 0) {
+    if (static_cast<Index>(data.frames.size()) <= o.holdout)
+      throw UsageError("--holdout " + std::to_string(o.holdout) + ": the data has only " +
+                       std::to_string(data.frames.size()) + " frames; keep at least one to train on");
+    const auto first = data.frames.end() - o.holdout;
+    val_frames.assign(std::make_move_iterator(first), std::make_move_iterator(data.frames.end()));
+    data.frames.erase(first, data.frames.end());
+    val_description = "the last " + std::to_string(o.holdout) + " frame(s) of the data, held out";
+    data.description += ", the last " + std::to_string(o.holdout) + " held out for validation";
+  } else if (!o.val_data.empty()) {
+    Dataset v = load_data(o.val_data);
+    val_frames = std::move(v.frames);
+    val_description = v.description;
+  }
   std::printf("data:    %s\n", data.description.c_str());
+  if (!val_frames.empty())
+    std::printf("val:     %s; every %lld steps, %s rays per frame\n", val_description.c_str(),
+                static_cast<long long>(o.val_every),
+                o.val_rays > 0 ? std::to_string(o.val_rays).c_str() : "all");
   std::printf("config:  %s (voxels %lldx%lldx%lld, K=%lld, D=%lld, batch %lld, %lld rays/frame)\n",
               config_source.c_str(), static_cast<long long>(cfg.voxels_x),
               static_cast<long long>(cfg.voxels_y), static_cast<long long>(cfg.voxels_z),
@@ -300,12 +384,6 @@ int run(const Options& o) {
                     "schedule changes, so the run will differ from the original\n",
                     static_cast<long long>(saved), static_cast<long long>(o.steps));
     }
-    const auto th = info.metadata.find("run.threads");
-    if (th != info.metadata.end() && th->second != std::to_string(threads))
-      std::printf("note:    the checkpoint's run used %s threads, this one %d: Eigen's threaded "
-                  "products round differently, so the steps will not be bit-identical to an "
-                  "uninterrupted run\n",
-                  th->second.c_str(), threads);
     const auto d = info.metadata.find("run.data");
     if (d != info.metadata.end() && d->second != data.description)
       std::printf("note:    the checkpoint was trained on %s\n", d->second.c_str());
@@ -332,7 +410,7 @@ int run(const Options& o) {
   const std::string csv_path = (out / "train.csv").string();
   std::vector<std::vector<double>> history;
   if (!o.resume.empty()) {
-    history = read_history(csv_path, start);
+    history = read_history(csv_path, kColumns, start);
     if (static_cast<std::int64_t>(history.size()) != start)
       std::printf("note:    %s holds %zu of the %lld earlier steps; the summary covers what "
                   "it has\n",
@@ -340,6 +418,28 @@ int run(const Options& o) {
   }
   vqkit::CsvLogger csv(csv_path, kColumns);
   for (const auto& row : history) csv.row(row);
+  // Validation: the held-out frames and as many training frames (at least 2).
+  const std::string val_path = (out / "val.csv").string();
+  std::unique_ptr<vqkit::CsvLogger> val_csv;
+  std::vector<vqkit::RowMatrix<float>> train_probe;
+  std::vector<std::vector<double>> val_history;
+  if (!val_frames.empty()) {
+    const std::size_t n_probe = std::min(data.frames.size(), std::max<std::size_t>(2, val_frames.size()));
+    train_probe.assign(data.frames.begin(), data.frames.begin() + static_cast<std::ptrdiff_t>(n_probe));
+    if (!o.resume.empty()) val_history = read_history(val_path, kValColumns, start);
+    val_csv = std::make_unique<vqkit::CsvLogger>(val_path, kValColumns);
+    for (const auto& row : val_history) val_csv->row(row);
+  }
+  double last_val_mae = std::nan("");
+  const auto validate = [&](std::int64_t step) {
+    const Scores tr = score_frames(tk, train_probe, o.val_rays);
+    const Scores va = score_frames(tk, val_frames, o.val_rays);
+    std::vector<double> row{static_cast<double>(step), tr.mae, tr.within, static_cast<double>(tr.codes),
+                            va.mae, va.within, static_cast<double>(va.codes), va.perplexity};
+    val_csv->row(row);
+    val_history.push_back(std::move(row));
+    last_val_mae = va.mae;
+  };
 
   const std::map<std::string, std::string> meta{{"run.steps", std::to_string(steps)},
                                                 {"run.data", data.description},
@@ -398,6 +498,7 @@ int run(const Options& o) {
     csv.row(row);
     history.push_back(row);
     vqkit::Metrics shown;
+    if (val_csv && (s + 1) % o.val_every == 0 && s + 1 < steps) validate(s + 1);
     if (start > 0) shown.emplace_back("step", static_cast<double>(s + 1));
     shown.insert(shown.end(), {{"L1", r.loss.depth_l1},
                                {"vq", r.loss.vq},
@@ -405,11 +506,13 @@ int run(const Options& o) {
                                {"use", static_cast<double>(m.usage)},
                                {"win", static_cast<double>(m.window_usage)},
                                {"dead", static_cast<double>(m.dead)}});
+    if (val_csv) shown.emplace_back("valMAE", last_val_mae);
     bar.update(s + 1 - start, shown);
     if (o.checkpoint_every > 0 && (s + 1) % o.checkpoint_every == 0 && s + 1 < steps)
       last_ckpt = save(s + 1);
   }
   last_ckpt = save(steps);
+  if (val_csv) validate(steps);
 
   const bool plotted_loss = vqkit::plot_csv(csv_path, (out / "loss.png").string(), "step",
                                             {"total", "depth_l1", "surface", "occupancy", "vq"},
@@ -417,6 +520,11 @@ int run(const Options& o) {
   const bool plotted_cb =
       vqkit::plot_csv(csv_path, (out / "codebook.png").string(), "step",
                       {"perplexity", "usage", "window_usage", "dead"}, "codebook usage", false);
+  const bool plotted_val =
+      val_csv && vqkit::plot_csv(val_path, (out / "val.png").string(), "step",
+                                 {"train_mae", "val_mae", "train_within_1m", "val_within_1m"},
+                                 "reconstruction: training vs held-out frames (depth MAE [m], share within 1 m)",
+                                 false);
 
   // ---- summary ----
   std::vector<double> l1, use, win;
@@ -448,6 +556,15 @@ int run(const Options& o) {
   std::printf("  quantizer: %lld k-means re-inits, %lld codes replaced\n",
               static_cast<long long>(tk.net.vq.reinit_count()),
               static_cast<long long>(tk.net.vq.replaced_count()));
+  if (val_csv && !val_history.empty()) {
+    const auto& v = val_history.back();
+    std::printf("  validation at step %lld (%zu training frames | %zu held-out frames): depth MAE %.4f | "
+                "%.4f m, within 1 m %.1f%% | %.1f%%, codes used %g | %g of K=%lld\n",
+                static_cast<long long>(v[0]), train_probe.size(), val_frames.size(), v[1], v[4],
+                100.0 * v[2], 100.0 * v[5], v[3], v[6], static_cast<long long>(cfg.codebook_size));
+    std::printf("  val csv: %s%s\n", val_path.c_str(),
+                plotted_val ? (", plot " + (out / "val.png").string()).c_str() : "");
+  }
   std::printf("  csv: %s\n", csv_path.c_str());
   std::printf("  plots: %s\n", plotted_loss && plotted_cb
                                    ? ((out / "loss.png").string() + ", " +

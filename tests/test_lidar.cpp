@@ -913,3 +913,28 @@ TEST_CASE("BEV pictures: pixels where the points are, side by side") {
   write_png(dir / "cmp.png", both);
   CHECK(decode_stored_png(read_bytes(dir / "cmp.png")).pixels == both.pixels);
 }
+
+TEST_CASE("BEV pictures: square pixels and a scale bar of the right length") {
+  const BevView v = square_pixel_view(-40.0, 40.0, -20.0, 20.0, 400);
+  CHECK(v.width == 400);
+  CHECK(v.height == 200);  // 0.2 m per pixel both ways
+  CHECK(scale_bar_metres(v) == 20.0);
+  CHECK(scale_bar_metres(square_pixel_view(0.0, 3.0, 0.0, 3.0)) == 1.0);
+  CHECK(scale_bar_metres(square_pixel_view(0.0, 250.0, 0.0, 1.0)) == 50.0);
+  Image img(v.width, v.height, 3, 0);
+  draw_scale_bar(img, v, 10.0, 5);  // 10 m = 50 px
+  int bar = 0, lit = 0;
+  const int y_bar = v.height - 1 - 5 - 4;
+  for (int x = 0; x < v.width; ++x) bar += img.at(x, y_bar)[0] == 255;
+  for (int y = 0; y < v.height; ++y)
+    for (int x = 0; x < v.width; ++x) lit += img.at(x, y)[1] == 255;
+  CHECK(bar == 50);
+  CHECK(img.at(5, y_bar)[2] == 255);
+  CHECK(img.at(54, y_bar)[2] == 255);
+  CHECK(img.at(55, y_bar)[2] == 0);
+  CHECK(lit == 50 * 3 + 2 * 6);  // the bar, and the ticks' pixels above and below it
+  CHECK_THROWS_WITH(draw_scale_bar(img, v, 100.0), Contains("does not fit"));
+  CHECK_THROWS_WITH(draw_scale_bar(img, v, -1.0), Contains("metres must be finite and > 0"));
+  Image small(10, 10, 3, 0);
+  CHECK_THROWS_WITH(draw_scale_bar(small, v, 1.0), Contains("the image is 10x10"));
+}

@@ -26,7 +26,9 @@
 //   side_by_side(left, right, gap): both pictures next to each other (same
 //     height required) with a `gap`-pixel grey bar between them.
 //   compare_bev(a, b, view): side_by_side of the two height images (input
-//     scan vs reconstruction).
+//     scan vs reconstruction), both of the same view: same extent and scale.
+//   square_pixel_view(x/y ranges, long_side): a view with square pixels;
+//   draw_scale_bar(img, view, metres), scale_bar_metres(view): a scale bar.
 #pragma once
 
 #include <algorithm>
@@ -271,6 +273,63 @@ inline Image side_by_side(const Image& left, const Image& right, int gap = 4) {
   blit(left, 0);
   blit(right, left.width + gap);
   return out;
+}
+
+/// A view of [x_min, x_max) x [y_min, y_max) with square pixels (the same
+/// metres per pixel along x and y): the longer side gets long_side pixels.
+inline BevView square_pixel_view(double x_min, double x_max, double y_min, double y_max,
+                                 int long_side = 512) {
+  BevView v;
+  v.x_min = x_min;
+  v.x_max = x_max;
+  v.y_min = y_min;
+  v.y_max = y_max;
+  v.width = v.height = 1;
+  v.validate("square_pixel_view");
+  VQKIT_REQUIRE(long_side >= 1 && long_side <= (1 << 15), "square_pixel_view",
+                "long_side must be in [1, 32768], got ", long_side);
+  const double w = x_max - x_min, h = y_max - y_min, px = std::max(w, h) / long_side;
+  v.width = std::max(1, static_cast<int>(std::lround(w / px)));
+  v.height = std::max(1, static_cast<int>(std::lround(h / px)));
+  return v;
+}
+
+/// The longest of 1, 2, 5, 10, 20, 50, ... metres that is at most a quarter
+/// of the view's x extent (at least 1 m): a scale bar's length.
+inline double scale_bar_metres(const BevView& view) {
+  const double quarter = (view.x_max - view.x_min) / 4;
+  double best = 1;
+  for (double decade = 1; decade <= quarter; decade *= 10)
+    for (const double m : {1.0, 2.0, 5.0})
+      if (m * decade <= quarter) best = m * decade;
+  return best;
+}
+
+/// Draws a white scale bar `metres` long (measured along x of `view`, the
+/// view img shows) in the bottom-left corner, `margin` pixels from the
+/// edges: a 3-pixel-high bar with 9-pixel ticks at both ends. Throws if it
+/// does not fit or the image is not view-sized.
+inline void draw_scale_bar(Image& img, const BevView& view, double metres, int margin = 8) {
+  constexpr const char* where = "draw_scale_bar";
+  view.validate(where);
+  VQKIT_REQUIRE(img.width == view.width && img.height == view.height, where, "the image is ", img.width, "x",
+                img.height, ", the view ", view.width, "x", view.height);
+  VQKIT_REQUIRE(std::isfinite(metres) && metres > 0, where, "metres must be finite and > 0, got ", metres);
+  const int len = static_cast<int>(std::lround(metres / (view.x_max - view.x_min) * view.width));
+  VQKIT_REQUIRE(len >= 2 && margin >= 0 && margin + len <= img.width && margin + 9 <= img.height, where,
+                "a ", metres, " m bar (", len, " px) does not fit a ", img.width, "x", img.height,
+                " image with a ", margin, " px margin");
+  const auto white = [&](int x, int y) {
+    std::uint8_t* p = img.at(x, y);
+    for (int k = 0; k < img.channels; ++k) p[k] = 255;
+  };
+  const int y0 = img.height - 1 - margin;  // bottom row of the ticks
+  for (int x = margin; x < margin + len; ++x)
+    for (int dy = 0; dy < 3; ++dy) white(x, y0 - 3 - dy);
+  for (int dy = 0; dy < 9; ++dy) {
+    white(margin, y0 - dy);
+    white(margin + len - 1, y0 - dy);
+  }
 }
 
 template <class T>
