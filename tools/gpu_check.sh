@@ -17,6 +17,9 @@
 # bench.json, torch.json. Budget: well inside 8 minutes on an H100 (build
 # -j16 ~1-2 min, tests < 1 min, benchmarks ~1-2 min, torch < 1 min); each
 # stage has its own timeout so a hang cannot eat the lease.
+# Exit status 0 only when CUDA tests ran, none failed or skipped (a skip -
+# exit 77, no device seen - fails the check on a GPU machine) and the
+# benchmarks ran to the end; "- verdict:" in report.md says which failed.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -131,10 +134,22 @@ if [[ $BLD -ne 0 ]]; then
 fi
 
 stamp "tests"
-(cd "$BUILD" && timeout 240 ctest -L cuda --output-on-failure -V) > "$OUTDIR/ctest.log" 2>&1
+# --no-tests=error: finding no test is a failure, not a pass. On this machine
+# a skipped test (exit 77: no device seen) is a failure too.
+(cd "$BUILD" && timeout 240 ctest -L cuda --no-tests=error --output-on-failure -V) > "$OUTDIR/ctest.log" 2>&1
 TRC=$?
+NRUN=$(grep -cE '^ *[0-9]+/[0-9]+ Test +#[0-9]+: .*(Passed|Failed|Exception|Timeout)' "$OUTDIR/ctest.log")
+NSKIP=$(grep -cE '^ *[0-9]+/[0-9]+ Test +#[0-9]+: .*(Skipped|Not Run)' "$OUTDIR/ctest.log")
+VERDICT=ok
+if [[ $NRUN -eq 0 ]]; then
+  VERDICT="FAILED: no CUDA test ran"
+elif [[ $NSKIP -gt 0 ]]; then
+  VERDICT="FAILED: $NSKIP CUDA test(s) skipped on the GPU machine (no device seen?)"
+elif [[ $TRC -ne 0 ]]; then
+  VERDICT="FAILED: ctest rc=$TRC"
+fi
 {
-  echo "## Tests (ctest -L cuda, rc=$TRC)"
+  echo "## Tests (ctest -L cuda, rc=$TRC; $NRUN ran, $NSKIP skipped: $VERDICT)"
   echo
   echo '```'
   grep -E "^\s*[0-9]+/[0-9]+ Test|tests passed|FAIL|SKIPPED|checks,|mismatches|candidates|EMA rel|inertia" "$OUTDIR/ctest.log" | sed 's/^[0-9]*: //' | head -150
@@ -201,6 +216,19 @@ if t:
     print(f"\ntorch {t.get('torch')} on {t.get('device')} (fp32, TF32 off).")
 print(f"\nGoogle Benchmark context: {ctx.get('host_name', '?')}, {ctx.get('num_cpus', '?')} CPUs, build {ctx.get('library_build_type', '?')}.")
 EOF
+# The check passes only if CUDA tests ran, none skipped or failed, and the
+# benchmarks ran to the end (the PyTorch baseline is reported, not required).
+RC=0
+[[ "$VERDICT" == ok ]] || RC=1
+if [[ $BRC -ne 0 ]]; then
+  VERDICT="$VERDICT; FAILED: benchmarks rc=$BRC (bench.log; 77 = no device)"
+  RC=1
+elif ! python3 -c 'import json, sys; sys.exit(0 if json.load(open(sys.argv[1])).get("benchmarks") else 1)' \
+    "$OUTDIR/bench.json" 2>/dev/null; then
+  VERDICT="$VERDICT; FAILED: the benchmarks wrote no results (bench.log)"
+  RC=1
+fi
+echo "- verdict: $VERDICT" >> "$REPORT"
 stamp "done: $REPORT"
 cat "$REPORT"
-[[ $TRC -eq 0 ]]
+exit $RC

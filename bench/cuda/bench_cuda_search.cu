@@ -250,8 +250,9 @@ int main(int argc, char** argv) {
   }
   int n = int(args.size());
   if (vqkit::gpu::device_count() == 0) {
+    // Not a success: a GPU check must not pass on a run that measured nothing.
     std::printf("no CUDA device: nothing to benchmark\n");
-    return 0;
+    return 77;
   }
   benchmark::RegisterBenchmark("search/fp32", BM_search, vqkit::SearchPrecision::fp32)->Apply(shapes);
   benchmark::RegisterBenchmark("search/bf16_rerank", BM_search, vqkit::SearchPrecision::bf16_rerank)->Apply(shapes);
