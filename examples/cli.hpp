@@ -51,6 +51,11 @@ inline double parse_double(std::string_view flag, std::string_view text, bool (*
   return v;
 }
 
+/// Whether s ends with suffix (a file flag's extension).
+inline bool ends_with(std::string_view s, std::string_view suffix) {
+  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
+}
+
 /// Walks argv option by option:
 ///   cli::Args args(argc, argv);
 ///   while (args.next()) {

@@ -37,6 +37,7 @@
 namespace {
 
 namespace cli = vqkit::cli;
+using cli::ends_with;
 using vqkit::Index;
 using Clock = std::chrono::steady_clock;
 
@@ -75,10 +76,6 @@ void print_usage() {
       "\n"
       "Exit status: 0 on success, 1 on a bad file or other run-time error, 2 on a bad\n"
       "command line.\n");
-}
-
-bool ends_with(std::string_view s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
 }
 
 Options parse_args(int argc, char** argv) {

@@ -39,6 +39,7 @@
 namespace {
 
 using vqkit::cli::bad_value;
+using vqkit::cli::ends_with;
 using vqkit::cli::parse_double;
 using vqkit::cli::parse_int;
 using vqkit::cli::UsageError;
@@ -215,10 +216,6 @@ Options parse_args(int argc, char** argv) {
 }
 
 // ---- data ---------------------------------------------------------------------------
-
-bool ends_with(std::string_view s, std::string_view suffix) {
-  return s.size() >= suffix.size() && s.substr(s.size() - suffix.size()) == suffix;
-}
 
 /// The built-in data set: a mixture of `C` axis-aligned Gaussians in D
 /// dimensions. Means ~ N(0, 3^2 I), well apart (about 3 sqrt(2D) between

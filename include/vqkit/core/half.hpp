@@ -4,7 +4,7 @@
 // Both formats are subsets of float, so the conversion is exact: every
 // finite value, signed zero, infinity and NaN (payload kept in its top bits)
 // maps to the float of the same value. Used by the readers of tensors that
-// PyTorch and numpy write in half precision (io/npy.hpp, io/safetensors.hpp).
+// PyTorch and numpy write in half precision (io/npy.hpp, io/codebook.hpp).
 #pragma once
 
 #include <bit>

@@ -285,14 +285,7 @@ const char* scalar_name() {
 
 // ---- building and reading the file -------------------------------------------
 
-inline std::string shape_string(const std::vector<std::int64_t>& shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  return s + "]";
-}
+using safetensors::detail::shape_string;
 
 inline std::string meta_or(const safetensors::File& f, const std::string& key,
                            const std::string& fallback) {

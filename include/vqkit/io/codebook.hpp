@@ -36,24 +36,20 @@ namespace vqkit::io {
 
 namespace detail {
 
-inline std::string shape_text(const std::vector<std::int64_t>& shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
+using safetensors::detail::shape_string;
 
 /// (K, D) of a K x D or 1 x K x D shape, or throws.
 inline void codebook_shape(const std::vector<std::int64_t>& shape, const char* where, const std::string& what,
                            Index& K, Index& D) {
   if (shape.size() == 3 && shape[0] != 1)
-    ::vqkit::detail::throw_error(where, what, " has shape ", shape_text(shape), ": ", shape[0],
+    ::vqkit::detail::throw_error(where, what, " has shape ", shape_string(shape), ": ", shape[0],
                                  " codebooks (heads); vqkit serves one K x D codebook per Codebook, "
                                  "save one head (e.g. embed[h]) to its own tensor");
-  VQKIT_REQUIRE(shape.size() == 2 || shape.size() == 3, where, what, " has shape ", shape_text(shape),
+  VQKIT_REQUIRE(shape.size() == 2 || shape.size() == 3, where, what, " has shape ", shape_string(shape),
                 ", expected K x D or 1 x K x D");
   K = Index(shape[shape.size() - 2]);
   D = Index(shape[shape.size() - 1]);
-  VQKIT_REQUIRE(K >= 1 && D >= 1, where, what, " has shape ", shape_text(shape),
+  VQKIT_REQUIRE(K >= 1 && D >= 1, where, what, " has shape ", shape_string(shape),
                 ": an empty codebook (K and D must be >= 1)");
 }
 
@@ -71,7 +67,7 @@ inline std::string codebook_candidates(const safetensors::File& f) {
       break;
     }
     s += (s.empty() ? "" : ", ") + std::string("'") + safetensors::detail::clip(name, 80) + "' " +
-         shape_text(t.shape) + " " + safetensors::dtype_name(t.dtype);
+         shape_string(t.shape) + " " + safetensors::dtype_name(t.dtype);
   }
   return s.empty() ? std::string("none (no F32/F16/BF16 tensor of rank 2 or 3)") : s;
 }
@@ -93,15 +89,12 @@ inline RowMatrix<float> load_codebook(const std::string& path, const std::string
   if (std::memcmp(magic, "\x93NUMPY", 6) == 0) {
     VQKIT_REQUIRE(tensor_name.empty(), where, "a .npy file holds one array, but tensor '", tensor_name,
                   "' was asked for (pass an empty name)");
-    const npy::Array a = npy::load(path);
+    npy::Array a = npy::load(path);
     detail::codebook_shape(a.shape, where, "the array", K, D);
     VQKIT_REQUIRE(a.dtype == npy::DType::F32 || a.dtype == npy::DType::F16, where, "the array has dtype ",
                   npy::dtype_name(a.dtype), "; a codebook is float32 or float16");
-    codes.resize(K, D);
-    if (a.dtype == npy::DType::F32)
-      std::memcpy(codes.data(), a.bytes.data(), a.bytes.size());
-    else
-      widen_16bit(a.bytes.data(), std::size_t(K * D), false, codes.data());
+    a.shape = {K, D};  // 1 x K x D as K x D
+    codes = npy::to_float_matrix(a);
   } else {
     safetensors::File f;
     try {

@@ -24,6 +24,7 @@
 //    to_float_matrix, which also widens float16 and uint8 to float (exact).
 #pragma once
 
+#include <algorithm>
 #include <bit>
 #include <cerrno>
 #include <cstdint>
@@ -47,54 +48,24 @@ static_assert(std::endian::native == std::endian::little, "vqkit/io/npy.hpp assu
 /// The element types vqkit reads and writes.
 enum class DType { F32, F16, I32, I64, U8 };
 
-constexpr std::size_t dtype_size(DType d) {
-  switch (d) {
-    case DType::F32:
-    case DType::I32:
-      return 4;
-    case DType::F16:
-      return 2;
-    case DType::I64:
-      return 8;
-    case DType::U8:
-      return 1;
-  }
-  return 0;
-}
+/// Per dtype, in enum order: bytes per element, numpy's name, the header's descr.
+struct DTypeInfo {
+  DType dtype;
+  std::size_t size;
+  const char* name;
+  const char* descr;
+};
+inline constexpr DTypeInfo dtype_table[] = {{DType::F32, 4, "float32", "<f4"},
+                                            {DType::F16, 2, "float16", "<f2"},
+                                            {DType::I32, 4, "int32", "<i4"},
+                                            {DType::I64, 8, "int64", "<i8"},
+                                            {DType::U8, 1, "uint8", "|u1"}};
 
+constexpr std::size_t dtype_size(DType d) { return dtype_table[static_cast<int>(d)].size; }
 /// numpy's name of the dtype ("float32", ...).
-inline const char* dtype_name(DType d) {
-  switch (d) {
-    case DType::F32:
-      return "float32";
-    case DType::F16:
-      return "float16";
-    case DType::I32:
-      return "int32";
-    case DType::I64:
-      return "int64";
-    case DType::U8:
-      return "uint8";
-  }
-  return "?";
-}
-
+constexpr const char* dtype_name(DType d) { return dtype_table[static_cast<int>(d)].name; }
 /// The header's descr of the dtype ("<f4", ...).
-inline const char* dtype_descr(DType d) {
-  switch (d) {
-    case DType::F32:
-      return "<f4";
-    case DType::F16:
-      return "<f2";
-    case DType::I32:
-      return "<i4";
-    case DType::I64:
-      return "<i8";
-    case DType::U8:
-      return "|u1";
-  }
-  return "?";
-}
+constexpr const char* dtype_descr(DType d) { return dtype_table[static_cast<int>(d)].descr; }
 
 /// The dtype that stores C++ type T (float, int32, int64, uint8).
 template <class T>
@@ -194,9 +165,9 @@ class HeaderParser {
                       "'descr' is not a string (a structured dtype?): ", unsupported_descr(rest(20)));
         const std::string d = string_literal("the descr");
         bool found = false;
-        for (DType t : {DType::F32, DType::F16, DType::I32, DType::I64, DType::U8}) {
-          if (d == dtype_descr(t) || (t == DType::U8 && d == "<u1")) {
-            a.dtype = t;
+        for (const DTypeInfo& t : dtype_table) {
+          if (d == t.descr || (t.dtype == DType::U8 && d == "<u1")) {
+            a.dtype = t.dtype;
             found = true;
           }
         }
@@ -292,29 +263,38 @@ class HeaderParser {
   std::size_t pos_ = 0;
 };
 
-/// Parses the fixed prefix and header of a file of `size` bytes whose first
-/// `avail` bytes are at p. Returns the array (bytes empty) and sets
-/// data_offset. Throws when avail is too short to hold the header.
-inline Array parse_prefix(const std::uint8_t* p, std::uint64_t avail, std::uint64_t size,
-                          std::uint64_t& data_offset, const char* where) {
+/// Where the header lies in a file of `size` bytes whose first min(size, 12)
+/// bytes are at p: checks the magic, the version and the header length
+/// (within max_header_bytes and the file), and returns the prefix length (10
+/// or 12) and the header length.
+struct HeaderExtent {
+  std::uint64_t prefix = 0, length = 0;
+};
+inline HeaderExtent header_extent(const std::uint8_t* p, std::uint64_t size, const char* where) {
   static constexpr std::uint8_t magic[6] = {0x93, 'N', 'U', 'M', 'P', 'Y'};
   VQKIT_REQUIRE(size >= 10 && std::memcmp(p, magic, 6) == 0, where,
                 "not a .npy file (it does not start with \\x93NUMPY)");
   const int major = p[6], minor = p[7];
   VQKIT_REQUIRE((major == 1 || major == 2) && minor == 0, where, "format version ", major, ".", minor,
                 " is not supported (vqkit reads 1.0 and 2.0)");
-  const std::uint64_t prefix = major == 1 ? 10 : 12;
-  VQKIT_REQUIRE(size >= prefix, where, "file of ", size, " bytes is too short for the header length");
-  std::uint64_t hlen = 0;
-  if (major == 1) {
-    hlen = std::uint64_t(p[8]) | (std::uint64_t(p[9]) << 8);
-  } else {
-    for (int i = 0; i < 4; ++i) hlen |= std::uint64_t(p[8 + i]) << (8 * i);
-  }
-  VQKIT_REQUIRE(hlen <= max_header_bytes, where, "header length ", hlen, " exceeds the ", max_header_bytes,
-                "-byte limit");
-  VQKIT_REQUIRE(hlen <= size - prefix, where, "header length ", hlen, " runs past the end of the ", size,
-                "-byte file");
+  HeaderExtent e;
+  e.prefix = major == 1 ? 10 : 12;
+  VQKIT_REQUIRE(size >= e.prefix, where, "file of ", size, " bytes is too short for the header length");
+  for (std::uint64_t i = 0; i < e.prefix - 8; ++i) e.length |= std::uint64_t(p[8 + i]) << (8 * i);
+  VQKIT_REQUIRE(e.length <= max_header_bytes, where, "header length ", e.length, " exceeds the ",
+                max_header_bytes, "-byte limit");
+  VQKIT_REQUIRE(e.length <= size - e.prefix, where, "header length ", e.length, " runs past the end of the ",
+                size, "-byte file");
+  return e;
+}
+
+/// Parses the prefix and header of a file of `size` bytes whose first
+/// `avail` bytes (at least the prefix and the header) are at p. Returns the
+/// array (bytes empty) and sets data_offset.
+inline Array parse_prefix(const std::uint8_t* p, std::uint64_t avail, std::uint64_t size,
+                          std::uint64_t& data_offset, const char* where) {
+  const HeaderExtent e = header_extent(p, size, where);
+  const std::uint64_t prefix = e.prefix, hlen = e.length;
   VQKIT_REQUIRE(prefix + hlen <= avail, where, "internal: header not in the buffer");
   const std::string_view text(reinterpret_cast<const char*>(p + prefix), std::size_t(hlen));
   VQKIT_REQUIRE(!text.empty() && text.back() == '\n', where, "the header does not end with a newline");
@@ -408,24 +388,16 @@ inline Array load(const std::string& path) {
     VQKIT_REQUIRE(in.good() && static_cast<std::uint64_t>(in.gcount()) == n, where,
                   "read failed (the file is truncated or unreadable)");
   };
+  // The fixed prefix says how long the header is; read exactly prefix + header.
   std::vector<std::uint8_t> head(std::size_t(std::min<std::uint64_t>(size, 12)));
   read_exact(head.data(), head.size());
-  // The header length comes first; read exactly the prefix + header.
-  std::uint64_t want = head.size();
-  if (size >= 10 && head[6] == 1)
-    want = 10 + (std::uint64_t(head[8]) | (std::uint64_t(head[9]) << 8));
-  else if (size >= 12 && head[6] == 2)
-    want = 12 + (std::uint64_t(head[8]) | (std::uint64_t(head[9]) << 8) | (std::uint64_t(head[10]) << 16) |
-                 (std::uint64_t(head[11]) << 24));
-  want = std::min(want, std::min<std::uint64_t>(size, 12 + max_header_bytes));
-  if (want > head.size()) {
-    const std::size_t had = head.size();
-    head.resize(std::size_t(want));
-    read_exact(head.data() + had, want - had);
-  }
+  const detail::HeaderExtent e = detail::header_extent(head.data(), size, where);
+  const std::size_t had = head.size();
+  head.resize(std::max(had, std::size_t(e.prefix + e.length)));
+  read_exact(head.data() + had, head.size() - had);
   std::uint64_t offset = 0;
   Array a = detail::parse_prefix(head.data(), head.size(), size, offset, where);
-  // parse_prefix read at most `want` bytes; any of them past the header are data.
+  // Bytes read past the header (a header shorter than 2 bytes) are data.
   a.bytes.resize(std::size_t(size - offset));
   const std::uint64_t have = head.size() > offset ? head.size() - offset : 0;
   if (have > 0) std::memcpy(a.bytes.data(), head.data() + offset, std::size_t(have));

@@ -233,6 +233,16 @@ inline std::string clip(std::string s, std::size_t n = 100) {
   return s;
 }
 
+/// A shape as "[2, 3]" (messages).
+inline std::string shape_string(const std::vector<std::int64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  return s + "]";
+}
+
 inline std::string tensor_label(const std::string& name) {
   return name.empty() ? std::string("tensor") : "tensor '" + clip(name) + "'";
 }

@@ -37,19 +37,19 @@ class Codebook {
   /// float searches (see Precision); `backend` sets the threads.
   explicit Codebook(RowMatrix<T> codes, Metric metric = Metric::l2,
                     Precision precision = Precision::fp32, Backend backend = {})
-      : be_(backend), metric_(metric), precision_(precision) {
+      : be_(backend), precision_(precision) {
     constexpr const char* where = "Codebook";
     VQKIT_REQUIRE(codes.rows() >= 1, where, "the codebook is empty (K=0)");
     VQKIT_REQUIRE(codes.cols() >= 1, where, "the codebook has dimension D=0");
     detail::require_finite(codes, where, "codes");
-    norms_ = code_norms<T>(be_, codes, metric_);
+    opt_.metric = metric;
+    norms_ = code_norms<T>(be_, codes, metric);
     codes_ = std::move(codes);
-    opt_.metric = metric_;
   }
 
   Index size() const { return codes_.rows(); }  ///< K
   Index dim() const { return codes_.cols(); }    ///< D
-  Metric metric() const { return metric_; }
+  Metric metric() const { return opt_.metric; }
   Precision precision() const { return precision_; }
   const RowMatrix<T>& codes() const { return codes_; }
 
@@ -103,7 +103,6 @@ class Codebook {
 
  private:
   Backend be_;
-  Metric metric_;
   Precision precision_;
   RowMatrix<T> codes_;
   Vector<T> norms_;
