@@ -7,6 +7,8 @@ packages=(build-essential cmake libeigen3-dev nlohmann-json3-dev catch2 libbench
 packages+=(clang libclang-rt-14-dev)
 # Data-parallel training over MPI (tests/test_distributed_mpi.cpp, ctest -L mpi).
 packages+=(libopenmpi-dev openmpi-bin)
+# The package test's pkg-config check (tests/consumer/run.cmake; skipped without it).
+packages+=(pkgconf)
 # PNG curves of examples/train_tokenizer (it skips the plots without gnuplot).
 packages+=(gnuplot-nox)
 missing=()
