@@ -224,14 +224,10 @@ class VectorQuantizer {
     ctx.indices.resize(N);
     SearchOptions search = cfg_.search;
     search.metric = cfg_.metric;
-    if constexpr (std::is_same_v<Backend, cpu>) {
-      SearchMode mode;
-      mode.precision = cfg_.search_precision;
-      mode.workspace = &search_ws_;
-      nearest_code<T>(backend_, codes_, x, ctx.indices, nullptr, search, nullptr, mode);
-    } else {  // (the CUDA backend's precision is a property of the backend object)
-      nearest_code<T>(backend_, codes_, x, ctx.indices, nullptr, search);
-    }
+    SearchMode mode;
+    mode.precision = cfg_.search_precision;
+    mode.workspace = &search_ws_;  // (the CPU kernel's scratch; other backends ignore it)
+    nearest_code<T>(backend_, codes_, x, ctx.indices, nullptr, search, nullptr, mode);
     quantized.resize(N, cfg_.dim);
     for (Index i = 0; i < N; ++i) quantized.row(i) = codes_.row(ctx.indices[i]);
     ctx.residual.resize(N, cfg_.dim);

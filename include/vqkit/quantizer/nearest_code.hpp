@@ -705,10 +705,28 @@ void nearest_code_unchecked(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixR
   nearest_code_gemm_tiles<T>(be, codes, x, indices, distances, opt, norms);
 }
 
+/// A backend's plain search (no checks, no range scaling): what
+/// nearest_code_ranged calls on the scaled copies. One specialisation per
+/// backend (the CUDA one is in cuda/search.cuh), so the range handling is
+/// written once for all backends.
+template <class Backend>
+struct PlainSearch;
+
+template <>
+struct PlainSearch<cpu> {
+  template <class T>
+  static void run(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixRef<T> x,
+                  Eigen::Ref<IndexVector> indices, Vector<T>* distances, const SearchOptions& opt,
+                  const Vector<T>* norms, const SearchMode& mode) {
+    nearest_code_unchecked<T>(be, codes, x, indices, distances, opt, norms, mode);
+  }
+};
+
 /// The search with range scaling (see the file comment), arguments checked:
 /// codes_max and x_max are max_abs(codes) and max_abs(x), both finite.
-template <class T>
-void nearest_code_ranged(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixRef<T> x,
+/// Host-side bookkeeping around the backend's PlainSearch.
+template <class T, class Backend>
+void nearest_code_ranged(const Backend& be, ConstMatrixRef<T> codes, ConstMatrixRef<T> x,
                          Eigen::Ref<IndexVector> indices, Vector<T>* distances,
                          const SearchOptions& opt, const Vector<T>* norms, T codes_max, T x_max,
                          const SearchMode& mode = {}) {
@@ -716,7 +734,7 @@ void nearest_code_ranged(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixRef<
   const int global = range_exponent<T>(std::max(codes_max, x_max), D);
   if (mode.stats) mode.stats->scale_exponent = global;
   if (global == 0) {
-    nearest_code_unchecked<T>(be, codes, x, indices, distances, opt, norms, mode);
+    PlainSearch<Backend>::template run<T>(be, codes, x, indices, distances, opt, norms, mode);
     if (mode.stats) mode.stats->scale_exponent = 0;
     return;
   }
@@ -737,7 +755,7 @@ void nearest_code_ranged(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixRef<
     for (Index i = 0; i < N; ++i) xs.row(i) = scaled(x.row(i), range_exponent<T>(row_max(x.row(i)), D));
     for (Index k = 0; k < K; ++k)
       cs.row(k) = scaled(codes.row(k), range_exponent<T>(row_max(codes.row(k)), D));
-    nearest_code_unchecked<T>(be, cs, xs, indices, distances, opt, nullptr, mode);
+    PlainSearch<Backend>::template run<T>(be, cs, xs, indices, distances, opt, nullptr, mode);
     if (mode.stats) mode.stats->scale_exponent = global;
     return;
   }
@@ -797,7 +815,7 @@ void nearest_code_ranged(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixRef<
     for (Index k = 0; k < cs.rows(); ++k) cs.row(k) = scaled(codes.row(keep[std::size_t(k)]), e);
     IndexVector idx(n);
     Vector<T> dist;
-    nearest_code_unchecked<T>(be, cs, xs, idx, distances ? &dist : nullptr, opt, nullptr, mode);
+    PlainSearch<Backend>::template run<T>(be, cs, xs, idx, distances ? &dist : nullptr, opt, nullptr, mode);
     for (Index q = 0; q < n; ++q) {
       const Index i = order[g0 + std::size_t(q)].second;
       indices[i] = keep[std::size_t(idx[q])];

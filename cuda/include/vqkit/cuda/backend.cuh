@@ -36,6 +36,7 @@
 #include <utility>
 
 #include "vqkit/core/error.hpp"
+#include "vqkit/quantizer/nearest_code.hpp"
 
 namespace vqkit {
 
@@ -54,6 +55,24 @@ inline void check(cudaError_t e, const char* what) {
 /// Checks the last launch (configuration errors); asynchronous errors surface
 /// at the next synchronising call.
 inline void check_launch(const char* kernel) { check(cudaGetLastError(), kernel); }
+
+/// Largest row or code count (N, K) the device-level calls accept: every
+/// int index and launch computation (i + 255 and the like) stays below 2^31,
+/// and CUB's int item counts hold.
+inline constexpr std::int64_t kMaxRows = (std::int64_t(1) << 31) - 1024;
+
+/// Throws vqkit::error naming the count when n is outside [0, kMaxRows].
+inline void require_rows(const char* where, const char* what, std::int64_t n) {
+  VQKIT_REQUIRE(n >= 0 && n <= kMaxRows, where, what, "=", n, " is outside [0, ", kMaxRows, "]");
+}
+
+/// Blocks for a grid-stride loop over `items` with `threads` per block: one
+/// item per thread up to 2^20 blocks (no grid dimension limit is reached, so
+/// K or N on a grid's y axis - at most 65535 - never occurs).
+inline unsigned grid_1d(std::size_t items, unsigned threads = 256) {
+  const std::size_t b = (items + threads - 1) / threads;
+  return unsigned(b < 1 ? 1 : (b > (std::size_t(1) << 20) ? (std::size_t(1) << 20) : b));
+}
 
 inline constexpr std::size_t kAlign = 256;
 inline constexpr std::size_t align_up(std::size_t n, std::size_t a = kAlign) {
@@ -166,15 +185,12 @@ inline int device_count() {
 
 }  // namespace gpu
 
-/// How the nearest-code search computes its dot products.
-enum class SearchPrecision {
-  fp32,         ///< exact fp32 FMA chains on the CUDA cores (the reference path)
-  bf16_rerank,  ///< BF16 tensor cores, then an exact fp32 re-rank of a provable candidate set
-};
-
-inline const char* to_string(SearchPrecision p) {
-  return p == SearchPrecision::fp32 ? "fp32" : "bf16_rerank";
-}
+/// How the nearest-code search computes its dot products: the CPU's enum
+/// (quantizer/nearest_code.hpp), one name on both backends. On the GPU:
+///  fp32        exact fp32 FMA chains on the CUDA cores (the reference path);
+///  bf16_rerank BF16 tensor cores, then an exact fp32 re-rank of a provable
+///              candidate set (the same indices and distances as fp32).
+using SearchPrecision = Precision;
 
 /// The CUDA backend: a device, a stream, the search precision and a scratch
 /// arena for the host-level overloads. Results never depend on the stream,

@@ -4,10 +4,10 @@
 // k random rows, then Lloyd with empty (or too small) clusters re-seeded by
 // splitting the largest, and the same Rng draws in the same order.
 // What runs where:
-//  - k-means++: the squared distance of every row to the newest centre
-//    (double, one warp per row) and the running minimum stay on the device;
-//    the minima come back (n doubles per centre) and the host draws the next
-//    centre with the CPU's loop, so the Rng sees the same calls;
+//  - seeding: the CPU's own functions on the host (batched k-means++, or the
+//    sequential one with exact_seeding, or random rows): the same code, so
+//    the Rng sees the same calls (a copy of it on the device drifted from the
+//    CPU's when the CPU's seeding changed, which the first GPU run caught);
 //  - Lloyd: the search (gpu::nearest_code, the backend's precision - both
 //    precisions give the fp32 indices) and the counts and sums
 //    (gpu::cluster_stats, bit-identical to the CPU's) run on the device; the
@@ -28,33 +28,6 @@
 #include "vqkit/quantizer/kmeans.hpp"
 
 namespace vqkit {
-namespace gpu {
-namespace detail {
-
-/// mind[i] = min(mind[i], ||x_i - x_pick||^2) in double; one warp per row.
-template <int Unused = 0>
-__global__ void min_dist_kernel(const float* __restrict__ x, int n, int D, int pick, double* __restrict__ mind) {
-  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (row >= n) return;
-  const float* a = x + std::size_t(row) * D;
-  const float* c = x + std::size_t(pick) * D;
-  double s = 0;
-  for (int d = lane; d < D; d += 32) {
-    const double t = double(a[d]) - double(c[d]);
-    s += t * t;
-  }
-  for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-  if (lane == 0 && s < mind[row]) mind[row] = s;
-}
-
-template <int Unused = 0>
-__global__ void fill_kernel(double* __restrict__ p, int n, double v) {
-  const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) p[i] = v;
-}
-
-}  // namespace detail
-}  // namespace gpu
 
 template <class T>
 KMeansResult<T> kmeans(const cuda& be, ConstMatrixRef<T> data, const KMeansOptions& opt, Rng& rng) {
@@ -67,7 +40,7 @@ KMeansResult<T> kmeans(const cuda& be, ConstMatrixRef<T> data, const KMeansOptio
   VQKIT_REQUIRE(opt.iterations >= 0, where, "iterations must be >= 0, got ", opt.iterations);
   VQKIT_REQUIRE(opt.min_cluster_fraction >= 0.0 && opt.min_cluster_fraction <= 1.0, where,
                 "min_cluster_fraction must lie in [0, 1], got ", opt.min_cluster_fraction);
-  gpu::require_finite_host(data, where, "data");
+  vqkit::detail::require_finite(data, where, "data");
   be.activate();
   const Index k = opt.k;
   const cudaStream_t s = be.stream;
@@ -80,38 +53,11 @@ KMeansResult<T> kmeans(const cuda& be, ConstMatrixRef<T> data, const KMeansOptio
 
   KMeansResult<T> r;
   if (opt.plus_plus) {
-    r.centroids.resize(k, D);
-    gpu::DeviceBuffer<double> dmind{std::size_t(n)};
-    gpu::detail::fill_kernel<<<unsigned((n + 255) / 256), 256, 0, s>>>(dmind.data(), int(n),
-                                                                       std::numeric_limits<double>::infinity());
-    gpu::check_launch("fill_kernel");
-    std::vector<double> mind(static_cast<std::size_t>(n));
-    Index pick = Index(rng.below(std::uint64_t(n)));
-    for (Index j = 0; j < k; ++j) {
-      r.centroids.row(j) = data.row(pick);
-      if (j + 1 == k) break;
-      gpu::detail::min_dist_kernel<<<unsigned((n + 7) / 8), 256, 0, s>>>(dx.data(), int(n), int(D), int(pick),
-                                                                         dmind.data());
-      gpu::check_launch("min_dist_kernel");
-      gpu::download(mind.data(), dmind.data(), mind.size(), s);
-      be.sync();
-      double total = 0;
-      for (Index i = 0; i < n; ++i) total += mind[std::size_t(i)];
-      if (!(total > 0)) {
-        pick = Index(rng.below(std::uint64_t(n)));
-        continue;
-      }
-      const double u = rng.uniform() * total;
-      double acc = 0;
-      pick = n - 1;
-      for (Index i = 0; i < n; ++i) {
-        acc += mind[std::size_t(i)];
-        if (acc > u && mind[std::size_t(i)] > 0) {
-          pick = i;
-          break;
-        }
-      }
-    }
+    // The CPU's seeding, on the host (the same function, so the same Rng
+    // draws): the batched k-means++ or, with exact_seeding, the sequential one.
+    const T data_max = vqkit::detail::max_abs(data);
+    r.centroids = opt.exact_seeding ? vqkit::detail::kmeans_plus_plus_exact<T>(cpu{}, data, k, rng)
+                                    : vqkit::detail::kmeans_plus_plus<T>(cpu{}, data, k, rng, data_max);
   } else {
     r.centroids = vqkit::detail::kmeans_random_rows<T>(data, k, rng);
   }
@@ -125,7 +71,7 @@ KMeansResult<T> kmeans(const cuda& be, ConstMatrixRef<T> data, const KMeansOptio
   std::vector<float> dist(static_cast<std::size_t>(n));
   RowMatrix<T> sums(k, D);
   for (int it = 0;; ++it) {
-    gpu::require_finite_host(r.centroids, "nearest_code", "codes");
+    vqkit::detail::require_finite(r.centroids, "nearest_code", "codes");
     gpu::upload(dc.data(), r.centroids.data(), std::size_t(k * D), s);
     gpu::nearest_code(be, dc.data(), k, dx.data(), n, D, Metric::l2, dassign.data(), ddist.data(), nullptr,
                       ws_search.data(), ws_search.size());

@@ -65,16 +65,29 @@ namespace gpu {
 struct SearchStats {
   double mean_candidates = 0;  ///< exact dot products per row in the re-rank
   std::int64_t max_candidates = 0;
-  std::int64_t fallback_rows = 0;  ///< rows searched in full (list overflow)
+  std::int64_t fallback_rows = 0;    ///< rows with at least one split searched in full (list overflow)
+  std::int64_t fallback_splits = 0;  ///< (row, split) pairs searched in full
+  int splits = 0;                    ///< code splits of the launch (detail::bf16_split)
 };
 
 namespace detail {
 
 inline constexpr int kCandidates = 32;  // per-row candidate list capacity (bf16 path)
 
+/// Code splits of the bf16 path: a function of (N, K) only, so the workspace
+/// size does not depend on the device. The grid has row_blocks x splits
+/// blocks (~512: two or more waves on any current GPU); each split covers
+/// per_split consecutive codes and keeps its own candidate lists.
+struct Bf16Split {
+  int splits;
+  std::int64_t per_split;
+};
+
 // ---- keys: (orderable score << 32) | (0xffffffff - index); max = best, lowest index
+// -0 and +0 compare equal in better(), so they must map to the same key:
+// otherwise the cross-split atomicMax would prefer +0 at a higher index.
 __device__ __forceinline__ unsigned orderable(float f) {
-  const unsigned b = __float_as_uint(f);
+  const unsigned b = f == 0.f ? 0u : __float_as_uint(f);
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 __device__ __forceinline__ float from_orderable(unsigned o) {
@@ -214,6 +227,11 @@ __global__ void finalize_kernel(const unsigned long long* __restrict__ keys,
   const int r = blockIdx.x * blockDim.x + threadIdx.x;
   if (r >= N) return;
   const unsigned long long key = keys[r];
+  if (key == 0) {  // no finite score (see "No winner" in the file comment): index 0, distance inf
+    idx[r] = 0;
+    if (dist) dist[r] = INFINITY;
+    return;
+  }
   idx[r] = std::int64_t(0xffffffffu - unsigned(key & 0xffffffffu));
   if (dist) {
     const float s = from_orderable(unsigned(key >> 32));
@@ -284,13 +302,17 @@ __device__ __forceinline__ float score_bound(float4 r, float4 c, float gtc, floa
 /// One block: 128 rows x a range of codes, 128 at a time. Scores of a tile
 /// come from the tensor cores (8 warps, each 32 x 64 = 2 x 4 WMMA tiles,
 /// two-stage cp.async pipeline over D), go through shared memory, and every
-/// candidate (see the file comment) is appended to its row's list.
+/// candidate (see the file comment) is appended to the list of its (row,
+/// split) with its upper bound A + B (rounded up); at the end the split's
+/// max of A - B (rounded down; -inf after a non-finite value) goes to
+/// splitlb, so the re-rank can drop the candidates that another split
+/// has ruled out.
 template <bool Cosine>
 __global__ void __launch_bounds__(256)
     search_bf16_kernel(const __nv_bfloat16* __restrict__ xb, const __nv_bfloat16* __restrict__ eb,
                        const float4* __restrict__ xstat, const float4* __restrict__ estat, int N,
                        int K, int D, int Dp, int codes_per_split, int* __restrict__ cnt,
-                       int* __restrict__ cand) {
+                       int2* __restrict__ cand, float* __restrict__ splitlb) {
   using namespace nvcuda;
   extern __shared__ __align__(128) unsigned char smem_raw[];
   float* Cs = reinterpret_cast<float*>(smem_raw);  // [128][kCLD]; the bf16 stages alias it
@@ -311,6 +333,8 @@ __global__ void __launch_bounds__(256)
   // Epilogue mapping: two threads per row, interleaved codes.
   const int er = tid >> 1, eh = tid & 1, grow = i0 + er;
   double lrow = -INFINITY;  // running max over seen codes of A - B (both threads of a row)
+  bool anybad = false;
+  const std::size_t list = std::size_t(grow) * gridDim.y + blockIdx.y;  // this (row, split)
 
   const int chunks = Dp / kBBK;
   for (int k0 = kbeg; k0 < kend; k0 += kBBN) {
@@ -391,61 +415,92 @@ __global__ void __launch_bounds__(256)
         const float4 q = cs[c];
         const float a = Cosine ? crow[c] * q.w : crow[c] - q.w;
         const float b = score_bound<Cosine>(r, q, gtc, g32);
-        if (double(a) + double(b) >= lrow) {
-          const int slot = atomicAdd(cnt + grow, 1);
-          if (slot < kCandidates) cand[std::size_t(grow) * kCandidates + slot] = k0 + c;
+        const double ub = double(a) + double(b);
+        if (ub >= lrow) {
+          const int slot = atomicAdd(cnt + list, 1);
+          if (slot < kCandidates)
+            cand[list * kCandidates + slot] = make_int2(k0 + c, __float_as_int(__double2float_ru(ub)));
         }
       }
-      if (bad) atomicAdd(cnt + grow, kCandidates + 1);  // force the full exact search
+      if (bad) atomicAdd(cnt + list, kCandidates + 1);  // force the exact search of this split
     }
+    anybad |= bad;
     __syncthreads();
   }
+  anybad |= __shfl_xor_sync(0xffffffffu, int(anybad), 1) != 0;
+  if (grow < N && eh == 0) splitlb[list] = anybad ? -INFINITY : __double2float_rd(lrow);
 }
 
-/// Exact fp32 re-rank of each row's candidates (all K codes when its list
-/// overflowed); one warp per row, one lane per candidate, the CPU's chain.
+/// Exact fp32 re-rank, one warp per row, one lane per candidate, the CPU's
+/// chain. lb = max over splits of splitlb (a lower bound of the winner's
+/// exact score); a candidate with A + B < lb cannot win and is skipped; a
+/// split whose list overflowed (or met a non-finite value) is searched in
+/// full over its own codes. rstat (when non-null): exact dot products of the
+/// row, and its number of overflowed splits.
 template <bool Cosine>
 __global__ void rerank_kernel(const float* __restrict__ x, const float* __restrict__ e,
-                              const float* __restrict__ p, const float4* __restrict__ xstat,
-                              const int* __restrict__ cnt, const int* __restrict__ cand, int N,
-                              int K, int D, std::int64_t* __restrict__ idx,
-                              float* __restrict__ dist) {
+                              const float* __restrict__ p, const float* __restrict__ xn2,
+                              const int* __restrict__ cnt, const int2* __restrict__ cand,
+                              const float* __restrict__ splitlb, int splits, int per_split, int N,
+                              int K, int D, std::int64_t* __restrict__ idx, float* __restrict__ dist,
+                              int2* __restrict__ rstat) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (row >= N) return;
-  const int c = cnt[row];
-  const bool all = c > kCandidates;
-  const int n = all ? K : c;
+  const std::size_t base = std::size_t(row) * splits;
+  float lb = -INFINITY;
+  for (int t = lane; t < splits; t += 32) lb = fmaxf(lb, splitlb[base + t]);
+  for (int o = 16; o > 0; o >>= 1) lb = fmaxf(lb, __shfl_xor_sync(0xffffffffu, lb, o));
   const float* xr = x + std::size_t(row) * D;
   float bs = -INFINITY;
-  int bk = 0x7fffffff;
-  for (int t = lane; t < n; t += 32) {
-    const int k = all ? t : cand[std::size_t(row) * kCandidates + t];
+  int bk = 0x7fffffff, exact = 0, overflowed = 0;
+  auto visit = [&](int k) {
     const float* er = e + std::size_t(k) * D;
     float acc = 0.f;
     for (int d = 0; d < D; ++d) acc = fmaf(xr[d], er[d], acc);
     const float s = Cosine ? acc * p[k] : acc - p[k];
+    ++exact;
     if (better(s, k, bs, bk)) {
       bs = s;
       bk = k;
+    }
+  };
+  for (int sp = 0; sp < splits; ++sp) {
+    const int c = cnt[base + sp];
+    if (c > kCandidates) {
+      ++overflowed;
+      const int kb = sp * per_split, ke = min(K, kb + per_split);
+      for (int k = kb + lane; k < ke; k += 32) visit(k);
+    } else {
+      const int2* list = cand + (base + sp) * kCandidates;
+      for (int t = lane; t < c; t += 32) {
+        const int2 q = list[t];
+        if (__int_as_float(q.y) >= lb) visit(q.x);
+      }
     }
   }
   for (int o = 16; o > 0; o >>= 1) {
     const float ob = __shfl_xor_sync(0xffffffffu, bs, o);
     const int ok = __shfl_xor_sync(0xffffffffu, bk, o);
+    exact += __shfl_xor_sync(0xffffffffu, exact, o);
     if (better(ob, ok, bs, bk)) {
       bs = ob;
       bk = ok;
     }
   }
   if (lane == 0) {
-    idx[row] = bk == 0x7fffffff ? 0 : bk;
+    if (rstat) rstat[row] = make_int2(exact, overflowed);
+    if (bk == 0x7fffffff) {  // no finite score: as the fp32 path
+      idx[row] = 0;
+      if (dist) dist[row] = INFINITY;
+      return;
+    }
+    idx[row] = bk;
     if (dist) {
-      const float xn2 = xstat[row].w;
       if (Cosine) {
-        const float xn = sqrtf(xn2);
+        const float xn = sqrtf(xn2[row]);
         dist[row] = xn > 0.f ? 1.f - bs / xn : 1.f;
       } else {
-        dist[row] = fmaxf(0.f, xn2 - 2.f * bs);
+        dist[row] = fmaxf(0.f, xn2[row] - 2.f * bs);
       }
     }
   }
@@ -455,34 +510,46 @@ __global__ void rerank_kernel(const float* __restrict__ x, const float* __restri
 struct SearchBuffers {
   float* p = nullptr;         // K
   float* norms = nullptr;     // K (computed norms, when none are given)
-  float* xn2 = nullptr;       // N (fp32 path)
+  float* xn2 = nullptr;       // N (distances)
   unsigned long long* keys = nullptr;  // N (fp32 path)
   float4* xstat = nullptr;    // N (bf16 path)
   float4* estat = nullptr;    // Kp (bf16 path)
   __nv_bfloat16* xb = nullptr;  // Np x Dp
   __nv_bfloat16* eb = nullptr;  // Kp x Dp
-  int* cnt = nullptr;         // N
-  int* cand = nullptr;        // N x kCandidates
+  int* cnt = nullptr;         // N x splits
+  int2* cand = nullptr;       // N x splits x kCandidates: (code, upper bound)
+  float* splitlb = nullptr;   // N x splits
+  int2* rstat = nullptr;      // N: (exact dot products, overflowed splits)
 };
 
 inline std::int64_t round_up(std::int64_t v, std::int64_t m) { return (v + m - 1) / m * m; }
+
+inline Bf16Split bf16_split(std::int64_t N, std::int64_t K) {
+  const std::int64_t row_blocks = (N + kBBM - 1) / kBBM, code_tiles = (K + kBBN - 1) / kBBN;
+  const std::int64_t want = std::clamp<std::int64_t>((512 + row_blocks - 1) / row_blocks, 1, code_tiles);
+  const std::int64_t tiles_per_split = (code_tiles + want - 1) / want;
+  return {int((code_tiles + tiles_per_split - 1) / tiles_per_split), tiles_per_split * kBBN};
+}
 
 inline SearchBuffers carve_search(Carver& cv, std::int64_t N, std::int64_t K, std::int64_t D,
                                   SearchPrecision prec) {
   SearchBuffers b;
   b.p = cv.take<float>(K);
   b.norms = cv.take<float>(K);
+  b.xn2 = cv.take<float>(N);
   if (prec == SearchPrecision::fp32) {
-    b.xn2 = cv.take<float>(N);
     b.keys = cv.take<unsigned long long>(N);
   } else {
     const std::int64_t Np = round_up(N, kBBM), Kp = round_up(K, kBBN), Dp = round_up(D, kBBK);
+    const std::size_t lists = std::size_t(N) * std::size_t(bf16_split(N, K).splits);
     b.xstat = cv.take<float4>(N);
     b.estat = cv.take<float4>(Kp);
     b.xb = cv.take<__nv_bfloat16>(std::size_t(Np * Dp));
     b.eb = cv.take<__nv_bfloat16>(std::size_t(Kp * Dp));
-    b.cnt = cv.take<int>(N);
-    b.cand = cv.take<int>(std::size_t(N) * kCandidates);
+    b.cnt = cv.take<int>(lists);
+    b.cand = cv.take<int2>(lists * kCandidates);
+    b.splitlb = cv.take<float>(lists);
+    b.rstat = cv.take<int2>(N);
   }
   return b;
 }
@@ -493,22 +560,12 @@ __global__ void estat_param_kernel(float4* __restrict__ estat, const float* __re
   if (k < K) estat[k].w = p[k];
 }
 
-}  // namespace detail
-
-/// Throws vqkit::error naming the first non-finite entry of a host matrix
-/// (the CPU backend's message).
-template <class M>
-void require_finite_host(const M& m, const char* where, const char* what) {
-  for (Index i = 0; i < m.rows(); ++i) {
-    const auto* r = m.data() + i * m.outerStride();
-    bool ok = true;
-    for (Index j = 0; j < m.cols(); ++j) ok &= std::isfinite(r[j]);
-    if (ok) continue;
-    for (Index j = 0; j < m.cols(); ++j)
-      VQKIT_REQUIRE(std::isfinite(r[j]), where, what, " holds a non-finite value (", r[j],
-                    ") at row ", i, ", column ", j);
-  }
+/// Blocks of `per_block` items covering n (n <= kMaxRows: no overflow).
+inline unsigned blocks(std::int64_t n, std::int64_t per_block) {
+  return unsigned((n + per_block - 1) / per_block);
 }
+
+}  // namespace detail
 
 /// Bytes of workspace nearest_code() needs for these sizes and this precision.
 inline std::size_t nearest_code_workspace_bytes(std::int64_t N, std::int64_t K, std::int64_t D,
@@ -523,15 +580,18 @@ inline std::size_t nearest_code_workspace_bytes(std::int64_t N, std::int64_t K, 
 /// given, holds code_norms for the current codes (L2: ||e||^2, cosine:
 /// 1/||e||) and is used as given. Runs on be.stream with be.precision;
 /// allocates nothing and does not synchronise (unless stats is non-null).
+/// No range scaling here (the host-level call does it, as the CPU): a row
+/// none of whose scores is finite (e.g. ||e_k||^2 overflows float for every
+/// code) gets index 0 and distance +inf on both paths.
 inline void nearest_code(const cuda& be, const float* codes, std::int64_t K, const float* x,
                          std::int64_t N, std::int64_t D, Metric metric, std::int64_t* indices,
                          float* distances, const float* norms, void* workspace,
                          std::size_t workspace_bytes, SearchStats* stats = nullptr) {
   constexpr const char* where = "gpu::nearest_code";
   VQKIT_REQUIRE(K >= 1 && N >= 1 && D >= 1, where, "empty problem: N=", N, ", K=", K, ", D=", D);
-  VQKIT_REQUIRE(K < (std::int64_t(1) << 31) - 1024 && N < (std::int64_t(1) << 31) &&
-                    D < (std::int64_t(1) << 22),
-                where, "sizes out of range: N=", N, ", K=", K, ", D=", D);
+  VQKIT_REQUIRE(K <= kMaxRows && N <= kMaxRows && D < (std::int64_t(1) << 22), where,
+                "sizes out of range: N=", N, ", K=", K, ", D=", D, " (N, K <= ", kMaxRows,
+                ", D < 2^22)");
   const SearchPrecision prec = be.precision;
   VQKIT_REQUIRE(workspace_bytes >= nearest_code_workspace_bytes(N, K, D, prec), where,
                 "workspace of ", workspace_bytes, " bytes, needs ",
@@ -541,76 +601,79 @@ inline void nearest_code(const cuda& be, const float* codes, std::int64_t K, con
   const cudaStream_t s = be.stream;
   const bool cosine = metric == Metric::cosine;
   const int n = int(N), k = int(K), d = int(D);
-  const int sms = be.sm_count();
+  using detail::blocks;
 
-  detail::code_param_kernel<<<(k + 255) / 256, 256, 0, s>>>(codes, k, d, cosine, norms, b.p, b.norms);
+  detail::code_param_kernel<<<blocks(K, 256), 256, 0, s>>>(codes, k, d, cosine, norms, b.p, b.norms);
   check_launch("code_param_kernel");
+  // ||x||^2 for the distances: one definition for both paths, so they agree bit for bit.
+  if (distances) {
+    detail::row_sqnorm_kernel<<<blocks(N, 8), 256, 0, s>>>(x, n, d, b.xn2);
+    check_launch("row_sqnorm_kernel");
+  }
 
   if (prec == SearchPrecision::fp32) {
     using namespace detail;
+    const int sms = be.sm_count();
     check(cudaMemsetAsync(b.keys, 0, std::size_t(N) * sizeof(unsigned long long), s), "cudaMemsetAsync");
-    row_sqnorm_kernel<<<(n + 7) / 8, 256, 0, s>>>(x, n, d, b.xn2);
-    check_launch("row_sqnorm_kernel");
-    const int row_blocks = (n + kEBM - 1) / kEBM, code_tiles = (k + kEBN - 1) / kEBN;
-    const int splits = std::clamp((2 * sms + row_blocks - 1) / row_blocks, 1, code_tiles);
-    const int per_split = (code_tiles + splits - 1) / splits * kEBN;
-    const dim3 grid(row_blocks, (k + per_split - 1) / per_split);
+    const std::int64_t row_blocks = (N + kEBM - 1) / kEBM, code_tiles = (K + kEBN - 1) / kEBN;
+    const std::int64_t splits = std::clamp<std::int64_t>((2 * sms + row_blocks - 1) / row_blocks, 1, code_tiles);
+    const std::int64_t per_split = (code_tiles + splits - 1) / splits * kEBN;
+    const dim3 grid(unsigned(row_blocks), unsigned((K + per_split - 1) / per_split));
     if (cosine)
-      search_exact_kernel<true><<<grid, 256, 0, s>>>(x, codes, b.p, n, k, d, per_split, b.keys);
+      search_exact_kernel<true><<<grid, 256, 0, s>>>(x, codes, b.p, n, k, d, int(per_split), b.keys);
     else
-      search_exact_kernel<false><<<grid, 256, 0, s>>>(x, codes, b.p, n, k, d, per_split, b.keys);
+      search_exact_kernel<false><<<grid, 256, 0, s>>>(x, codes, b.p, n, k, d, int(per_split), b.keys);
     check_launch("search_exact_kernel");
     if (cosine)
-      finalize_kernel<true><<<(n + 255) / 256, 256, 0, s>>>(b.keys, b.xn2, n, indices, distances);
+      finalize_kernel<true><<<blocks(N, 256), 256, 0, s>>>(b.keys, b.xn2, n, indices, distances);
     else
-      finalize_kernel<false><<<(n + 255) / 256, 256, 0, s>>>(b.keys, b.xn2, n, indices, distances);
+      finalize_kernel<false><<<blocks(N, 256), 256, 0, s>>>(b.keys, b.xn2, n, indices, distances);
     check_launch("finalize_kernel");
     return;
   }
 
   using namespace detail;
-  const int Np = int(round_up(N, kBBM)), Kp = int(round_up(K, kBBN)), Dp = int(round_up(D, kBBK));
-  split_bf16_kernel<<<(Np + 7) / 8, 256, 0, s>>>(x, n, d, Np, Dp, b.xb, b.xstat);
+  const std::int64_t Np = round_up(N, kBBM), Kp = round_up(K, kBBN), Dp = round_up(D, kBBK);
+  const Bf16Split sp = bf16_split(N, K);
+  split_bf16_kernel<<<blocks(Np, 8), 256, 0, s>>>(x, n, d, int(Np), int(Dp), b.xb, b.xstat);
   check_launch("split_bf16_kernel(x)");
-  split_bf16_kernel<<<(Kp + 7) / 8, 256, 0, s>>>(codes, k, d, Kp, Dp, b.eb, b.estat);
+  split_bf16_kernel<<<blocks(Kp, 8), 256, 0, s>>>(codes, k, d, int(Kp), int(Dp), b.eb, b.estat);
   check_launch("split_bf16_kernel(codes)");
-  estat_param_kernel<<<(k + 255) / 256, 256, 0, s>>>(b.estat, b.p, k);
+  estat_param_kernel<<<blocks(K, 256), 256, 0, s>>>(b.estat, b.p, k);
   check_launch("estat_param_kernel");
-  check(cudaMemsetAsync(b.cnt, 0, std::size_t(N) * sizeof(int), s), "cudaMemsetAsync");
-  const int row_blocks = Np / kBBM, code_tiles = Kp / kBBN;
-  const int splits = std::clamp((2 * sms + row_blocks - 1) / row_blocks, 1, code_tiles);
-  const int per_split = (code_tiles + splits - 1) / splits * kBBN;
-  const dim3 grid(row_blocks, (Kp + per_split - 1) / per_split);
+  check(cudaMemsetAsync(b.cnt, 0, std::size_t(N) * std::size_t(sp.splits) * sizeof(int), s), "cudaMemsetAsync");
+  const dim3 grid(unsigned(Np / kBBM), unsigned(sp.splits));
   if (cosine) {
     check(cudaFuncSetAttribute(search_bf16_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                int(kBf16Smem)), "cudaFuncSetAttribute");
-    search_bf16_kernel<true><<<grid, 256, kBf16Smem, s>>>(b.xb, b.eb, b.xstat, b.estat, n, k, d, Dp,
-                                                          per_split, b.cnt, b.cand);
+    search_bf16_kernel<true><<<grid, 256, kBf16Smem, s>>>(b.xb, b.eb, b.xstat, b.estat, n, k, d, int(Dp),
+                                                          int(sp.per_split), b.cnt, b.cand, b.splitlb);
   } else {
     check(cudaFuncSetAttribute(search_bf16_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                int(kBf16Smem)), "cudaFuncSetAttribute");
-    search_bf16_kernel<false><<<grid, 256, kBf16Smem, s>>>(b.xb, b.eb, b.xstat, b.estat, n, k, d, Dp,
-                                                           per_split, b.cnt, b.cand);
+    search_bf16_kernel<false><<<grid, 256, kBf16Smem, s>>>(b.xb, b.eb, b.xstat, b.estat, n, k, d, int(Dp),
+                                                           int(sp.per_split), b.cnt, b.cand, b.splitlb);
   }
   check_launch("search_bf16_kernel");
   if (cosine)
-    rerank_kernel<true><<<(n + 7) / 8, 256, 0, s>>>(x, codes, b.p, b.xstat, b.cnt, b.cand, n, k, d,
-                                                    indices, distances);
+    rerank_kernel<true><<<blocks(N, 8), 256, 0, s>>>(x, codes, b.p, b.xn2, b.cnt, b.cand, b.splitlb, sp.splits,
+                                                     int(sp.per_split), n, k, d, indices, distances, b.rstat);
   else
-    rerank_kernel<false><<<(n + 7) / 8, 256, 0, s>>>(x, codes, b.p, b.xstat, b.cnt, b.cand, n, k, d,
-                                                     indices, distances);
+    rerank_kernel<false><<<blocks(N, 8), 256, 0, s>>>(x, codes, b.p, b.xn2, b.cnt, b.cand, b.splitlb, sp.splits,
+                                                      int(sp.per_split), n, k, d, indices, distances, b.rstat);
   check_launch("rerank_kernel");
   if (stats) {
-    std::vector<int> c(static_cast<std::size_t>(N));
-    download(c.data(), b.cnt, c.size(), s);
+    std::vector<int2> r(static_cast<std::size_t>(N));
+    download(r.data(), b.rstat, r.size(), s);
     check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
     double sum = 0;
     *stats = SearchStats{};
-    for (int v : c) {
-      const std::int64_t m = v > kCandidates ? K : v;
-      sum += double(m);
-      stats->max_candidates = std::max(stats->max_candidates, m);
-      stats->fallback_rows += v > kCandidates;
+    stats->splits = sp.splits;
+    for (const int2& v : r) {
+      sum += double(v.x);
+      stats->max_candidates = std::max<std::int64_t>(stats->max_candidates, v.x);
+      stats->fallback_rows += v.y > 0;
+      stats->fallback_splits += v.y;
     }
     stats->mean_candidates = sum / double(N);
   }
@@ -643,52 +706,88 @@ Vector<T> code_norms(const cuda& be, ConstMatrixRef<T> codes, Metric metric) {
   return n;
 }
 
-/// nearest_code with the CPU backend's signature and checks; see the file comment.
+namespace detail {
+
+/// The CUDA backend's plain search for nearest_code_ranged (the range
+/// handling of quantizer/nearest_code.hpp, shared with the CPU): copies in
+/// (any outer stride), gpu::nearest_code, copies out. bf16_rerank runs when
+/// the backend's default or the call's mode asks for it (same results).
+template <>
+struct PlainSearch<cuda> {
+  template <class T>
+  static void run(const cuda& be_in, ConstMatrixRef<T> codes, ConstMatrixRef<T> x,
+                  Eigen::Ref<IndexVector> indices, Vector<T>* distances, const SearchOptions& opt,
+                  const Vector<T>* norms, const SearchMode& mode) {
+    static_assert(std::is_same_v<T, float>, "the CUDA backend computes in float");
+    cuda be = be_in;
+    if (mode.precision == Precision::bf16_rerank) be.precision = Precision::bf16_rerank;
+    const Index K = codes.rows(), D = codes.cols(), N = x.rows();
+    auto& a = *be.arena;
+    const std::size_t fs = sizeof(float);
+    float* dc = static_cast<float*>(a.slot(0, std::size_t(K * D) * fs));
+    float* dx = static_cast<float*>(a.slot(1, std::size_t(N * D) * fs));
+    auto* di = static_cast<std::int64_t*>(a.slot(2, std::size_t(N) * sizeof(std::int64_t)));
+    float* dd = distances ? static_cast<float*>(a.slot(3, std::size_t(N) * fs)) : nullptr;
+    float* dn = norms ? static_cast<float*>(a.slot(4, std::size_t(K) * fs)) : nullptr;
+    const std::size_t wb = gpu::nearest_code_workspace_bytes(N, K, D, be.precision);
+    void* ws = a.slot(5, wb);
+    gpu::check(cudaMemcpy2DAsync(dc, std::size_t(D) * fs, codes.data(), std::size_t(codes.outerStride()) * fs,
+                                 std::size_t(D) * fs, std::size_t(K), cudaMemcpyHostToDevice, be.stream),
+               "upload codes");
+    gpu::check(cudaMemcpy2DAsync(dx, std::size_t(D) * fs, x.data(), std::size_t(x.outerStride()) * fs,
+                                 std::size_t(D) * fs, std::size_t(N), cudaMemcpyHostToDevice, be.stream),
+               "upload x");
+    if (norms) gpu::upload(dn, norms->data(), std::size_t(K), be.stream);
+    gpu::nearest_code(be, dc, K, dx, N, D, opt.metric, di, dd, dn, ws, wb);
+    if (distances) distances->resize(N);
+    // indices may be a strided Ref: stage through a contiguous vector when it is.
+    if (indices.innerStride() == 1) {
+      gpu::download(indices.data(), di, std::size_t(N), be.stream);
+    } else {
+      IndexVector tmp(N);
+      gpu::download(tmp.data(), di, std::size_t(N), be.stream);
+      be.sync();
+      indices = tmp;
+    }
+    if (distances) gpu::download(distances->data(), dd, std::size_t(N), be.stream);
+    be.sync();
+    if (mode.stats) {
+      mode.stats->precision = be.precision;
+      mode.stats->reranked = 0;
+      mode.stats->kernel = be.precision == Precision::bf16_rerank ? "cuda_bf16" : "cuda_fp32";
+    }
+  }
+};
+
+}  // namespace detail
+
+/// nearest_code with the CPU backend's signature, checks and range scaling
+/// (inputs outside float's safe band are searched as power-of-two-scaled
+/// copies, exactly as on the CPU: quantizer/nearest_code.hpp, "Range").
 template <class T>
 void nearest_code(const cuda& be, ConstMatrixRef<T> codes, ConstMatrixRef<T> x,
                   Eigen::Ref<IndexVector> indices, Vector<T>* distances = nullptr,
-                  const SearchOptions& opt = {}, const Vector<T>* norms = nullptr) {
+                  const SearchOptions& opt = {}, const Vector<T>* norms = nullptr,
+                  const SearchMode& mode = {}) {
   static_assert(std::is_same_v<T, float>, "the CUDA backend computes in float");
   constexpr const char* where = "nearest_code";
   const Index K = codes.rows(), D = codes.cols(), N = x.rows();
   VQKIT_REQUIRE(K >= 1, where, "the codebook is empty (K=0)");
   VQKIT_REQUIRE(D >= 1, where, "the codebook has dimension D=0");
   detail::require_batch(x, D, where, "x");
-  gpu::require_finite_host(x, where, "x");
-  gpu::require_finite_host(codes, where, "codes");
+  const T x_max = detail::max_abs(x);
+  if (!std::isfinite(x_max)) detail::require_finite(x, where, "x");
+  const T codes_max = detail::max_abs(codes);
+  if (!std::isfinite(codes_max)) detail::require_finite(codes, where, "codes");
   VQKIT_REQUIRE(indices.size() == N, where, "indices has size ", indices.size(), ", expected N=", N);
   VQKIT_REQUIRE(norms == nullptr || norms->size() == K, where, "norms has size ",
                 norms ? norms->size() : 0, ", expected K=", K);
-  be.activate();
-  auto& a = *be.arena;
-  const std::size_t fs = sizeof(float);
-  float* dc = static_cast<float*>(a.slot(0, std::size_t(K * D) * fs));
-  float* dx = static_cast<float*>(a.slot(1, std::size_t(N * D) * fs));
-  auto* di = static_cast<std::int64_t*>(a.slot(2, std::size_t(N) * sizeof(std::int64_t)));
-  float* dd = distances ? static_cast<float*>(a.slot(3, std::size_t(N) * fs)) : nullptr;
-  float* dn = norms ? static_cast<float*>(a.slot(4, std::size_t(K) * fs)) : nullptr;
-  const std::size_t wb = gpu::nearest_code_workspace_bytes(N, K, D, be.precision);
-  void* ws = a.slot(5, wb);
-  gpu::check(cudaMemcpy2DAsync(dc, std::size_t(D) * fs, codes.data(), std::size_t(codes.outerStride()) * fs,
-                               std::size_t(D) * fs, std::size_t(K), cudaMemcpyHostToDevice, be.stream),
-             "upload codes");
-  gpu::check(cudaMemcpy2DAsync(dx, std::size_t(D) * fs, x.data(), std::size_t(x.outerStride()) * fs,
-                               std::size_t(D) * fs, std::size_t(N), cudaMemcpyHostToDevice, be.stream),
-             "upload x");
-  if (norms) gpu::upload(dn, norms->data(), std::size_t(K), be.stream);
-  gpu::nearest_code(be, dc, K, dx, N, D, opt.metric, di, dd, dn, ws, wb);
-  if (distances) distances->resize(N);
-  // indices may be a strided Ref: stage through a contiguous vector when it is.
-  if (indices.innerStride() == 1) {
-    gpu::download(indices.data(), di, std::size_t(N), be.stream);
-  } else {
-    IndexVector tmp(N);
-    gpu::download(tmp.data(), di, std::size_t(N), be.stream);
-    be.sync();
-    indices = tmp;
+  if (N == 0) {
+    if (distances) distances->resize(0);
+    return;
   }
-  if (distances) gpu::download(distances->data(), dd, std::size_t(N), be.stream);
-  be.sync();
+  be.activate();
+  detail::nearest_code_ranged<T>(be, codes, x, indices, distances, opt, norms, codes_max, x_max, mode);
 }
 
 /// Convenience form: allocates and returns indices and distances.

@@ -6,7 +6,8 @@
 // (formulas: quantizer/cluster_stats.hpp, quantizer/ema.hpp).
 //
 // Deterministic by construction, no floating-point atomics:
-//  - counts: a CUB histogram of the indices (integer atomics, exact);
+//  - counts: a histogram of the indices by integer atomics (exact; per
+//    block in shared memory up to 8192 codes);
 //  - sums: the rows are sorted by code with CUB's radix sort (stable, so each
 //    code's rows stay in increasing row order, the CPU backend's counting
 //    sort order), bucket starts come from an exclusive scan of the counts,
@@ -45,6 +46,29 @@ __global__ void keys_kernel(const std::int64_t* __restrict__ idx, int N, int K, 
   if (rows) rows[i] = i;
 }
 
+/// counts[k] += #{i : keys[i] = k} (integer atomics: exact, order-free).
+/// Up to kPrivateBins codes a block counts in shared memory first. (CUB's
+/// DeviceHistogram over-counted near N = 2^31 on the first GPU run: 2.4 M
+/// extra samples at N = 2^31 - 1024.)
+inline constexpr int kPrivateBins = 8192;
+template <int Unused = 0>
+__global__ void histogram_kernel(const int* __restrict__ keys, std::int64_t N, int K, int* __restrict__ counts) {
+  __shared__ int h[kPrivateBins];
+  const bool priv = K <= kPrivateBins;
+  if (priv) {
+    for (int k = threadIdx.x; k < K; k += blockDim.x) h[k] = 0;
+    __syncthreads();
+  }
+  for (std::int64_t i = std::int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < N;
+       i += std::int64_t(gridDim.x) * blockDim.x)
+    atomicAdd(priv ? &h[keys[i]] : &counts[keys[i]], 1);
+  if (priv) {
+    __syncthreads();
+    for (int k = threadIdx.x; k < K; k += blockDim.x)
+      if (h[k]) atomicAdd(&counts[k], h[k]);
+  }
+}
+
 template <class T>
 __global__ void counts_to_float_kernel(const int* __restrict__ c, int K, T* __restrict__ out) {
   const int k = blockIdx.x * blockDim.x + threadIdx.x;
@@ -55,11 +79,13 @@ __global__ void counts_to_float_kernel(const int* __restrict__ c, int K, T* __re
 template <int Unused = 0>
 __global__ void bucket_sums_kernel(const float* __restrict__ x, int D, const int* __restrict__ order,
                                    const int* __restrict__ start, int K, float* __restrict__ sums) {
-  const int k = blockIdx.y, d = blockIdx.x * blockDim.x + threadIdx.x;
-  if (k >= K || d >= D) return;
-  float s = 0.f;
-  for (int p = start[k]; p < start[k + 1]; ++p) s += x[std::size_t(order[p]) * D + d];
-  sums[std::size_t(k) * D + d] = s;
+  const std::size_t total = std::size_t(K) * D;
+  for (std::size_t t = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += std::size_t(gridDim.x) * blockDim.x) {
+    const std::size_t k = t / D, d = t % D;
+    float s = 0.f;
+    for (int p = start[k]; p < start[k + 1]; ++p) s += x[std::size_t(order[p]) * D + d];
+    sums[t] = s;
+  }
 }
 
 /// N_k <- g N_k + h n_k (two roundings and an add, as Eigen's g*a + h*b).
@@ -90,13 +116,14 @@ template <int Unused = 0>
 __global__ void ema_codes_kernel(float* __restrict__ m, const float* __restrict__ sums,
                                  const float* __restrict__ n, const double* __restrict__ scale, int K,
                                  int D, float g, float h, double eps, float* __restrict__ codes) {
-  const int k = blockIdx.y, d = blockIdx.x * blockDim.x + threadIdx.x;
-  if (k >= K || d >= D) return;
-  const std::size_t o = std::size_t(k) * D + d;
-  const float v = __fadd_rn(__fmul_rn(g, m[o]), __fmul_rn(h, sums[o]));
-  m[o] = v;
-  const float nhat = float((double(n[k]) + eps) * *scale);
-  codes[o] = __fdiv_rn(v, nhat);
+  const std::size_t total = std::size_t(K) * D;
+  for (std::size_t o = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += std::size_t(gridDim.x) * blockDim.x) {
+    const std::size_t k = o / D;
+    const float v = __fadd_rn(__fmul_rn(g, m[o]), __fmul_rn(h, sums[o]));
+    m[o] = v;
+    const float nhat = float((double(n[k]) + eps) * *scale);
+    codes[o] = __fdiv_rn(v, nhat);
+  }
 }
 
 struct StatsBuffers {
@@ -117,20 +144,24 @@ inline int key_bits(std::int64_t K) {
   return b;
 }
 
-/// CUB's temporary storage for the sort, the histogram and the scan.
+/// CUB's temporary storage for the sort and the scan.
 inline std::size_t cub_temp_bytes(std::int64_t N, std::int64_t K) {
-  std::size_t a = 0, b = 0, c = 0;
+  std::size_t a = 0, c = 0;
   check(cub::DeviceRadixSort::SortPairs(nullptr, a, static_cast<const int*>(nullptr), static_cast<int*>(nullptr),
                                         static_cast<const int*>(nullptr), static_cast<int*>(nullptr), int(N), 0,
                                         key_bits(K)),
         "cub::DeviceRadixSort::SortPairs (size)");
-  check(cub::DeviceHistogram::HistogramEven(nullptr, b, static_cast<const int*>(nullptr),
-                                            static_cast<int*>(nullptr), int(K + 1), 0, int(K), int(N)),
-        "cub::DeviceHistogram::HistogramEven (size)");
   check(cub::DeviceScan::ExclusiveSum(nullptr, c, static_cast<const int*>(nullptr), static_cast<int*>(nullptr),
                                       int(K + 1)),
         "cub::DeviceScan::ExclusiveSum (size)");
-  return std::max(a, std::max(b, c));
+  return std::max(a, c);
+}
+
+/// counts[0..K) = histogram of keys (N of them), on stream s.
+inline void count_keys(const int* keys, std::int64_t N, std::int64_t K, int* counts, cudaStream_t s) {
+  check(cudaMemsetAsync(counts, 0, std::size_t(K) * sizeof(int), s), "cudaMemsetAsync");
+  histogram_kernel<<<std::min(grid_1d(std::size_t(N)), 4096u), 256, 0, s>>>(keys, N, int(K), counts);
+  check_launch("histogram_kernel");
 }
 
 inline StatsBuffers carve_stats(Carver& cv, std::int64_t N, std::int64_t K, bool sums) {
@@ -163,20 +194,25 @@ inline std::size_t cluster_stats_workspace_bytes(std::int64_t N, std::int64_t K,
 /// smallest such row, N when none), which the caller checks when it next syncs.
 inline void cluster_counts(const cuda& be, const std::int64_t* idx, std::int64_t N, std::int64_t K,
                            float* counts, void* workspace, std::size_t bytes, int* bad_row_out = nullptr) {
+  require_rows("gpu::cluster_counts", "N", N);
+  require_rows("gpu::cluster_counts", "K", K);
   VQKIT_REQUIRE(bytes >= cluster_stats_workspace_bytes(N, K, false), "gpu::cluster_counts",
                 "workspace too small: ", bytes);
+  const cudaStream_t s = be.stream;
+  if (N == 0) {  // nothing to count (a launch over zero rows would be an error)
+    check(cudaMemsetAsync(counts, 0, std::size_t(K) * sizeof(float), s), "cudaMemsetAsync");
+    if (bad_row_out) check(cudaMemsetAsync(bad_row_out, 0, sizeof(int), s), "cudaMemsetAsync");
+    return;
+  }
   Carver cv(workspace);
   auto b = detail::carve_stats(cv, N, K, false);
-  const cudaStream_t s = be.stream;
   const int n = int(N), k = int(K);
   const int init = n;
   check(cudaMemcpyAsync(b.bad, &init, sizeof(int), cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
-  detail::keys_kernel<<<(n + 255) / 256, 256, 0, s>>>(idx, n, k, b.keys, nullptr, b.bad);
+  detail::keys_kernel<<<unsigned((N + 255) / 256), 256, 0, s>>>(idx, n, k, b.keys, nullptr, b.bad);
   check_launch("keys_kernel");
-  std::size_t tb = b.temp_bytes;
-  check(cub::DeviceHistogram::HistogramEven(b.temp, tb, b.keys, b.counts, k + 1, 0, k, n, s),
-        "cub::DeviceHistogram::HistogramEven");
-  detail::counts_to_float_kernel<float><<<(k + 255) / 256, 256, 0, s>>>(b.counts, k, counts);
+  detail::count_keys(b.keys, N, K, b.counts, s);
+  detail::counts_to_float_kernel<float><<<unsigned((K + 255) / 256), 256, 0, s>>>(b.counts, k, counts);
   check_launch("counts_to_float_kernel");
   if (bad_row_out) check(cudaMemcpyAsync(bad_row_out, b.bad, sizeof(int), cudaMemcpyDeviceToDevice, s), "copy");
 }
@@ -185,30 +221,37 @@ inline void cluster_counts(const cuda& be, const std::int64_t* idx, std::int64_t
 inline void cluster_stats(const cuda& be, const float* x, const std::int64_t* idx, std::int64_t N,
                           std::int64_t K, std::int64_t D, float* counts, float* sums, void* workspace,
                           std::size_t bytes, int* bad_row_out = nullptr) {
+  require_rows("gpu::cluster_stats", "N", N);
+  require_rows("gpu::cluster_stats", "K", K);
+  VQKIT_REQUIRE(D >= 1 && D <= kMaxRows, "gpu::cluster_stats", "D=", D, " is outside [1, ", kMaxRows, "]");
   VQKIT_REQUIRE(bytes >= cluster_stats_workspace_bytes(N, K, true), "gpu::cluster_stats",
                 "workspace too small: ", bytes);
+  const cudaStream_t s = be.stream;
+  if (N == 0) {
+    check(cudaMemsetAsync(counts, 0, std::size_t(K) * sizeof(float), s), "cudaMemsetAsync");
+    check(cudaMemsetAsync(sums, 0, std::size_t(K) * std::size_t(D) * sizeof(float), s), "cudaMemsetAsync");
+    if (bad_row_out) check(cudaMemsetAsync(bad_row_out, 0, sizeof(int), s), "cudaMemsetAsync");
+    return;
+  }
   Carver cv(workspace);
   auto b = detail::carve_stats(cv, N, K, true);
-  const cudaStream_t s = be.stream;
   const int n = int(N), k = int(K), d = int(D);
   const int init = n;
   check(cudaMemcpyAsync(b.bad, &init, sizeof(int), cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
-  detail::keys_kernel<<<(n + 255) / 256, 256, 0, s>>>(idx, n, k, b.keys, b.rows, b.bad);
+  detail::keys_kernel<<<unsigned((N + 255) / 256), 256, 0, s>>>(idx, n, k, b.keys, b.rows, b.bad);
   check_launch("keys_kernel");
   std::size_t tb = b.temp_bytes;
   check(cub::DeviceRadixSort::SortPairs(b.temp, tb, b.keys, b.keys_sorted, b.rows, b.rows_sorted, n, 0,
                                         detail::key_bits(K), s),
         "cub::DeviceRadixSort::SortPairs");
-  tb = b.temp_bytes;
-  check(cub::DeviceHistogram::HistogramEven(b.temp, tb, b.keys, b.counts, k + 1, 0, k, n, s),
-        "cub::DeviceHistogram::HistogramEven");
+  detail::count_keys(b.keys, N, K, b.counts, s);
   check(cudaMemsetAsync(b.counts + k, 0, sizeof(int), s), "cudaMemsetAsync");
   tb = b.temp_bytes;
   check(cub::DeviceScan::ExclusiveSum(b.temp, tb, b.counts, b.start, k + 1, s), "cub::DeviceScan::ExclusiveSum");
-  detail::counts_to_float_kernel<float><<<(k + 255) / 256, 256, 0, s>>>(b.counts, k, counts);
+  detail::counts_to_float_kernel<float><<<unsigned((K + 255) / 256), 256, 0, s>>>(b.counts, k, counts);
   check_launch("counts_to_float_kernel");
-  const dim3 grid((d + 127) / 128, k);
-  detail::bucket_sums_kernel<<<grid, 128, 0, s>>>(x, d, b.rows_sorted, b.start, k, sums);
+  detail::bucket_sums_kernel<<<grid_1d(std::size_t(K) * std::size_t(D)), 256, 0, s>>>(x, d, b.rows_sorted,
+                                                                                      b.start, k, sums);
   check_launch("bucket_sums_kernel");
   if (bad_row_out) check(cudaMemcpyAsync(bad_row_out, b.bad, sizeof(int), cudaMemcpyDeviceToDevice, s), "copy");
 }
@@ -222,17 +265,18 @@ inline void ema_update(const cuda& be, float* cluster_size, float* embed_sum, co
                        const float* sums, std::int64_t K, std::int64_t D, const EmaOptions& opt,
                        float* codes, void* workspace, std::size_t bytes) {
   opt.validate("gpu::ema_update");
+  require_rows("gpu::ema_update", "K", K);
   VQKIT_REQUIRE(bytes >= ema_update_workspace_bytes(), "gpu::ema_update", "workspace too small: ", bytes);
   const cudaStream_t s = be.stream;
   const int k = int(K), d = int(D);
   const float g = float(opt.decay), h = 1.0f - float(opt.decay);
   double* scale = static_cast<double*>(workspace);
-  detail::ema_sizes_kernel<<<(k + 255) / 256, 256, 0, s>>>(cluster_size, counts, k, g, h);
+  detail::ema_sizes_kernel<<<unsigned((K + 255) / 256), 256, 0, s>>>(cluster_size, counts, k, g, h);
   check_launch("ema_sizes_kernel");
   detail::ema_scale_kernel<<<1, 1024, 0, s>>>(cluster_size, k, opt.eps, scale);
   check_launch("ema_scale_kernel");
-  detail::ema_codes_kernel<<<dim3((d + 127) / 128, k), 128, 0, s>>>(embed_sum, sums, cluster_size, scale, k, d,
-                                                                    g, h, opt.eps, codes);
+  detail::ema_codes_kernel<<<grid_1d(std::size_t(K) * std::size_t(D)), 256, 0, s>>>(
+      embed_sum, sums, cluster_size, scale, k, d, g, h, opt.eps, codes);
   check_launch("ema_codes_kernel");
 }
 
@@ -349,7 +393,7 @@ void ema_update(const cuda& be, EmaState<T>& st, const ClusterStats<T>& batch, c
   }
 }
 
-/// Batch metrics of device indices: a CUB histogram on the device, then the
+/// Batch metrics of device indices: a histogram on the device, then the
 /// K counts (not the N indices) come back for batch_metrics.
 inline CodebookMetrics batch_metrics(const cuda& be, const std::int64_t* idx, std::int64_t N, std::int64_t K,
                                      Vector<float>* counts_out = nullptr) {

@@ -35,12 +35,13 @@ template <int Unused = 0>
 __global__ void gather_residual_kernel(const float* __restrict__ x, const float* __restrict__ codes,
                                        const std::int64_t* __restrict__ idx, int N, int D,
                                        float* __restrict__ q, float* __restrict__ r) {
-  const int i = blockIdx.y, d = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= N || d >= D) return;
-  const std::size_t o = std::size_t(i) * D + d;
-  const float v = codes[std::size_t(idx[i]) * D + d];
-  if (q) q[o] = v;
-  if (r) r[o] = x[o] - v;
+  const std::size_t total = std::size_t(N) * D;
+  for (std::size_t o = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; o < total; o += std::size_t(gridDim.x) * blockDim.x) {
+    const std::size_t i = o / D, d = o % D;
+    const float v = codes[std::size_t(idx[i]) * D + d];
+    if (q) q[o] = v;
+    if (r) r[o] = x[o] - v;
+  }
 }
 
 inline constexpr int kLossBlocks = 256;
@@ -86,11 +87,13 @@ __global__ void input_grad_kernel(const float* __restrict__ r, const float* __re
 template <int Unused = 0>
 __global__ void codebook_grad_kernel(const float* __restrict__ r, int D, const int* __restrict__ order,
                                      const int* __restrict__ start, int K, float c, float* __restrict__ de) {
-  const int k = blockIdx.y, d = blockIdx.x * blockDim.x + threadIdx.x;
-  if (k >= K || d >= D) return;
-  float s = de[std::size_t(k) * D + d];
-  for (int p = start[k]; p < start[k + 1]; ++p) s = __fadd_rn(s, __fmul_rn(c, r[std::size_t(order[p]) * D + d]));
-  de[std::size_t(k) * D + d] = s;
+  const std::size_t total = std::size_t(K) * D;
+  for (std::size_t t = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += std::size_t(gridDim.x) * blockDim.x) {
+    const std::size_t k = t / D, d = t % D;
+    float s = de[t];
+    for (int p = start[k]; p < start[k + 1]; ++p) s = __fadd_rn(s, __fmul_rn(c, r[std::size_t(order[p]) * D + d]));
+    de[t] = s;
+  }
 }
 
 template <int Unused = 0>
@@ -116,9 +119,11 @@ __global__ void usage_count_kernel(const std::int64_t* __restrict__ since, const
 template <int Unused = 0>
 __global__ void gather_rows_kernel(const float* __restrict__ src, const int* __restrict__ rows, int n, int D,
                                    float* __restrict__ dst) {
-  const int j = blockIdx.y, d = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= n || d >= D) return;
-  dst[std::size_t(j) * D + d] = src[std::size_t(rows[j]) * D + d];
+  const std::size_t total = std::size_t(n) * D;
+  for (std::size_t t = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += std::size_t(gridDim.x) * blockDim.x) {
+    const std::size_t j = t / D, d = t % D;
+    dst[t] = src[std::size_t(rows[j]) * D + d];
+  }
 }
 
 /// e_k = v, N_k = count, M_k = count v for a list of codes (value rows given).
@@ -126,13 +131,15 @@ template <int Unused = 0>
 __global__ void reset_codes_kernel(const int* __restrict__ ks, const float* __restrict__ values, int n, int D,
                                    float count, float* __restrict__ codes, float* __restrict__ cluster_size,
                                    float* __restrict__ embed_sum) {
-  const int j = blockIdx.y, d = blockIdx.x * blockDim.x + threadIdx.x;
-  if (j >= n || d >= D) return;
-  const int k = ks[j];
-  const float v = values[std::size_t(j) * D + d];
-  codes[std::size_t(k) * D + d] = v;
-  embed_sum[std::size_t(k) * D + d] = count * v;
-  if (d == 0) cluster_size[k] = count;
+  const std::size_t total = std::size_t(n) * D;
+  for (std::size_t t = std::size_t(blockIdx.x) * blockDim.x + threadIdx.x; t < total; t += std::size_t(gridDim.x) * blockDim.x) {
+    const std::size_t j = t / D, d = t % D;
+    const std::size_t k = std::size_t(ks[j]);
+    const float v = values[t];
+    codes[k * D + d] = v;
+    embed_sum[k * D + d] = count * v;
+    if (d == 0) cluster_size[k] = count;
+  }
 }
 
 }  // namespace detail
@@ -140,7 +147,9 @@ __global__ void reset_codes_kernel(const int* __restrict__ ks, const float* __re
 /// q = e_a and r = x - q (either output may be null); x, q, r: N x D.
 inline void gather_residual(const cuda& be, const float* x, const float* codes, const std::int64_t* idx,
                             std::int64_t N, std::int64_t D, float* q, float* r) {
-  detail::gather_residual_kernel<<<dim3(unsigned((D + 127) / 128), unsigned(N)), 128, 0, be.stream>>>(
+  require_rows("gpu::gather_residual", "N", N);
+  if (N == 0) return;
+  detail::gather_residual_kernel<<<grid_1d(std::size_t(N) * std::size_t(D)), 256, 0, be.stream>>>(
       x, codes, idx, int(N), int(D), q, r);
   check_launch("gather_residual_kernel");
 }
@@ -182,6 +191,8 @@ inline void vq_input_grad(const cuda& be, const float* residual, const float* dq
 inline void vq_codebook_grad(const cuda& be, const float* residual, const std::int64_t* idx, std::int64_t N,
                              std::int64_t K, std::int64_t D, const LossOptions& opt, float* dcodes,
                              void* workspace, std::size_t bytes) {
+  require_rows("gpu::vq_codebook_grad", "N", N);
+  require_rows("gpu::vq_codebook_grad", "K", K);
   VQKIT_REQUIRE(bytes >= cluster_stats_workspace_bytes(N, K, true), "gpu::vq_codebook_grad",
                 "workspace too small: ", bytes);
   Carver cv(workspace);
@@ -190,21 +201,19 @@ inline void vq_codebook_grad(const cuda& be, const float* residual, const std::i
   const int n = int(N), k = int(K), d = int(D);
   const int init = n;
   check(cudaMemcpyAsync(b.bad, &init, sizeof(int), cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
-  detail::keys_kernel<<<(n + 255) / 256, 256, 0, s>>>(idx, n, k, b.keys, b.rows, b.bad);
+  detail::keys_kernel<<<unsigned((N + 255) / 256), 256, 0, s>>>(idx, n, k, b.keys, b.rows, b.bad);
   check_launch("keys_kernel");
   std::size_t tb = b.temp_bytes;
   check(cub::DeviceRadixSort::SortPairs(b.temp, tb, b.keys, b.keys_sorted, b.rows, b.rows_sorted, n, 0,
                                         detail::key_bits(K), s),
         "cub::DeviceRadixSort::SortPairs");
-  tb = b.temp_bytes;
-  check(cub::DeviceHistogram::HistogramEven(b.temp, tb, b.keys, b.counts, k + 1, 0, k, n, s),
-        "cub::DeviceHistogram::HistogramEven");
+  detail::count_keys(b.keys, N, K, b.counts, s);
   check(cudaMemsetAsync(b.counts + k, 0, sizeof(int), s), "cudaMemsetAsync");
   tb = b.temp_bytes;
   check(cub::DeviceScan::ExclusiveSum(b.temp, tb, b.counts, b.start, k + 1, s), "cub::DeviceScan::ExclusiveSum");
   const float c = float(-2.0 * opt.codebook_weight / opt.scale(N, D));
-  detail::codebook_grad_kernel<<<dim3((d + 127) / 128, k), 128, 0, s>>>(residual, d, b.rows_sorted, b.start, k, c,
-                                                                         dcodes);
+  detail::codebook_grad_kernel<<<grid_1d(std::size_t(K) * std::size_t(D)), 256, 0, s>>>(
+      residual, d, b.rows_sorted, b.start, k, c, dcodes);
   check_launch("codebook_grad_kernel");
 }
 
@@ -237,7 +246,7 @@ inline std::pair<std::int64_t, std::int64_t> usage_counts(const cuda& be, const 
 inline void ema_reset_codes(const cuda& be, const int* ks, const float* values, std::int64_t n, std::int64_t D,
                             float count, float* codes, float* cluster_size, float* embed_sum) {
   if (n == 0) return;
-  detail::reset_codes_kernel<<<dim3(unsigned((D + 127) / 128), unsigned(n)), 128, 0, be.stream>>>(
+  detail::reset_codes_kernel<<<grid_1d(std::size_t(n) * std::size_t(D)), 256, 0, be.stream>>>(
       ks, values, int(n), int(D), count, codes, cluster_size, embed_sum);
   check_launch("reset_codes_kernel");
 }
@@ -274,7 +283,7 @@ class DeviceMemoryBank {
       std::sort(perm.begin(), perm.begin() + cap_);
       std::vector<int> sel(perm.begin(), perm.begin() + cap_);
       upload(rows_.data(), sel.data(), sel.size(), be.stream);
-      detail::gather_rows_kernel<<<dim3(unsigned((dim_ + 127) / 128), unsigned(cap_)), 128, 0, be.stream>>>(
+      detail::gather_rows_kernel<<<grid_1d(std::size_t(cap_) * std::size_t(dim_)), 256, 0, be.stream>>>(
           x, rows_.data(), int(cap_), int(dim_), data_.data());
       check_launch("gather_rows_kernel");
       be.sync();  // sel is a host temporary
