@@ -116,7 +116,7 @@ CFG=$?
 stamp "build (-j$JOBS)"
 BSTART=$(date +%s)
 if [[ $CFG -eq 0 ]]; then
-  timeout 240 cmake --build "$BUILD" -j"$JOBS" --target test_cuda_primitives test_cuda_layer test_cuda_edges bench_cuda_search \
+  timeout 240 cmake --build "$BUILD" -j"$JOBS" --target test_cuda_primitives test_cuda_layer test_cuda_edges test_cuda_device_layer bench_cuda_search \
     >> "$OUTDIR/build.log" 2>&1
   BLD=$?
 else
@@ -152,7 +152,7 @@ fi
   echo "## Tests (ctest -L cuda, rc=$TRC; $NRUN ran, $NSKIP skipped: $VERDICT)"
   echo
   echo '```'
-  grep -E "^\s*[0-9]+/[0-9]+ Test|tests passed|FAIL|SKIPPED|checks,|mismatches|candidates|EMA rel|inertia|differ|no finite|expected 0|splits|wrong|not run" "$OUTDIR/ctest.log" | sed 's/^[0-9]*: //' | head -200
+  grep -E "^\s*[0-9]+/[0-9]+ Test|tests passed|FAIL|SKIPPED|checks,|mismatches|candidates|EMA rel|inertia|differ|no finite|expected 0|splits|wrong|not run|bytes/step|restored" "$OUTDIR/ctest.log" | sed 's/^[0-9]*: //' | head -200
   echo '```'
   echo
 } >> "$REPORT"

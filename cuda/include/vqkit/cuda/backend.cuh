@@ -27,6 +27,7 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -162,15 +163,24 @@ class Arena {
   DeviceBuffer<unsigned char> slots_[kSlots];
 };
 
+/// Bytes copied by upload() and download() since the program started (all
+/// threads): what a caller can watch to see what crosses the bus.
+inline std::atomic<std::uint64_t>& transfer_bytes() {
+  static std::atomic<std::uint64_t> n{0};
+  return n;
+}
+
 /// Copies between host and device on a stream (pageable host memory: the
 /// copies are synchronous with respect to the host for device-to-host).
 template <class T>
 void upload(T* dst, const T* src, std::size_t n, cudaStream_t s) {
   if (n) check(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyHostToDevice, s), "upload");
+  transfer_bytes().fetch_add(n * sizeof(T), std::memory_order_relaxed);
 }
 template <class T>
 void download(T* dst, const T* src, std::size_t n, cudaStream_t s) {
   if (n) check(cudaMemcpyAsync(dst, src, n * sizeof(T), cudaMemcpyDeviceToHost, s), "download");
+  transfer_bytes().fetch_add(n * sizeof(T), std::memory_order_relaxed);
 }
 
 /// Number of CUDA devices; 0 when there is no driver or no device (never throws).

@@ -304,6 +304,19 @@ class DeviceMemoryBank {
     size_ = std::min(cap_, size_ + n);
   }
 
+  /// Restores a bank (the host class's restore): `storage` is capacity x dim
+  /// host rows; the counters are checked as MemoryBank::restore does.
+  void restore(const cuda& be, const float* storage, std::int64_t size, std::int64_t head,
+               std::int64_t overflow) {
+    VQKIT_REQUIRE(size >= 0 && size <= cap_ && head >= 0 && head < cap_ && overflow >= 0,
+                  "DeviceMemoryBank::restore", "inconsistent bank: capacity ", cap_, ", size ", size,
+                  ", head ", head, ", overflow ", overflow);
+    upload(data_.data(), storage, std::size_t(cap_ * dim_), be.stream);
+    size_ = size;
+    head_ = head;
+    overflow_ = overflow;
+  }
+
   /// Index of a uniformly random stored row (the host class's draw).
   std::int64_t random_row_index(Rng& rng) const {
     VQKIT_REQUIRE(size_ > 0, "DeviceMemoryBank::random_row", "the bank is empty");
