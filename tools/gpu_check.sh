@@ -110,7 +110,8 @@ command -v ninja >/dev/null && GEN=(-G Ninja)
 stamp "configure"
 timeout 180 cmake -S "$ROOT" -B "$BUILD" "${GEN[@]}" -DCMAKE_BUILD_TYPE=Release \
   -DVQKIT_BUILD_TESTS=OFF -DVQKIT_BUILD_EXAMPLES=OFF -DVQKIT_CUDA=ON -DVQKIT_CUDA_TESTS=ON \
-  -DVQKIT_CUDA_BENCHMARKS=ON ${NVCC:+-DCMAKE_CUDA_COMPILER="$NVCC"} "${PREFIX[@]}" \
+  -DVQKIT_CUDA_BENCHMARKS=ON -DCMAKE_CUDA_ARCHITECTURES="${VQKIT_GPU_ARCH:-90-real}" \
+  ${NVCC:+-DCMAKE_CUDA_COMPILER="$NVCC"} "${PREFIX[@]}" \
   -DVQKIT_CUDA_DATA_DIR="$DATA" > "$OUTDIR/build.log" 2>&1
 CFG=$?
 stamp "build (-j$JOBS)"
@@ -196,8 +197,8 @@ torch = {(r["N"], r["K"], r["D"]): r["ms"] for r in (t or {}).get("rows", [])}
 peak = float(os.environ.get("VQKIT_GPU_PEAK_TFLOPS", "989"))
 print(f"Dense BF16 peak used for %: {peak:g} TFLOP/s (H100 SXM; set VQKIT_GPU_PEAK_TFLOPS). "
       f"Times: median-free Google Benchmark means of CUDA-event times (ms).\n")
-print("| N x K x D | fp32 ms | bf16+rerank ms | TFLOP/s | % BF16 peak | cand/row | full rows | cuBLAS bf16+argmin ms | x vs cuBLAS | cuBLAS fp32+argmin ms | torch formula ms | x vs torch | EMA step ms |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| N x K x D | fp32 ms | bf16+rerank ms | TFLOP/s | % BF16 peak | GB/s | cand/row | full rows | cuBLAS bf16+argmin ms | x vs cuBLAS | cuBLAS fp32+argmin ms | torch formula ms | x vs torch | EMA step ms |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for key in sorted(rows, key=lambda k: (k[0] * k[1] * k[2], k)):
     r = rows[key]
     N, K, D = key
@@ -205,10 +206,12 @@ for key in sorted(rows, key=lambda k: (k[0] * k[1] * k[2], k)):
     g = lambda k: r[k][0] if k in r else float("nan")
     f32, b16, cb, cf, ema = g("search/fp32"), g("search/bf16_rerank"), g("cublas_argmin/bf16"), g("cublas_argmin/fp32"), g("ema_step")
     tf = flops / (b16 * 1e-3) / 1e12
+    # the fewest bytes a search must move: x and the codes read once, the indices written
+    gbs = (4.0 * (N * D + K * D) + 8.0 * N) / (b16 * 1e-3) / 1e9
     cand = r["search/bf16_rerank"][1].get("cand", float("nan")) if "search/bf16_rerank" in r else float("nan")
     fb = r["search/bf16_rerank"][1].get("fallback_rows", float("nan")) if "search/bf16_rerank" in r else float("nan")
     tm = torch.get(key, float("nan"))
-    print(f"| {N} x {K} x {D} | {f32:.3f} | {b16:.3f} | {tf:.1f} | {100 * tf / peak:.1f}% | {cand:.2f} | {fb:.0f} | "
+    print(f"| {N} x {K} x {D} | {f32:.3f} | {b16:.3f} | {tf:.1f} | {100 * tf / peak:.1f}% | {gbs:.0f} | {cand:.2f} | {fb:.0f} | "
           f"{cb:.3f} | {cb / b16:.2f}x | {cf:.3f} | {tm:.3f} | {tm / b16:.2f}x | {ema:.3f} |")
 print()
 print("Targets (65536 x 1024 x 1024, bf16+rerank): >= 50% of dense BF16 peak, >= 1.3x cuBLAS+argmin, >= 5x torch formula.")

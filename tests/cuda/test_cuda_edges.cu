@@ -216,7 +216,7 @@ void test_bf16_many_codes() {
   gpu::upload(dc.data(), codes.data(), dc.size(), be.stream);
   const std::size_t wb = gpu::nearest_code_workspace_bytes(N, K, D, be.precision);
   gpu::DeviceBuffer<unsigned char> ws(wb);
-  gpu::SearchStats st;
+  vqkit::SearchStats st;
   gpu::nearest_code(be, dc.data(), K, dx.data(), N, D, Metric::l2, di.data(), nullptr, nullptr, ws.data(), wb, &st);
   IndexVector gi(N);
   gpu::download(gi.data(), di.data(), std::size_t(N), be.stream);
@@ -226,15 +226,17 @@ void test_bf16_many_codes() {
   gpu_search(codes, x, Metric::l2, SearchPrecision::fp32, ci, cd);
   Index diff = 0;
   for (Index i = 0; i < N; ++i) diff += gi[i] != ci[i];
+  const double mean = double(st.reranked) / double(N);
   std::printf("  N=%ld K=%ld D=%ld, %d splits: exact dot products per row %.2f (max %ld), rows with a full split "
-              "search %ld, split searches %ld, differ from fp32 %ld\n",
-              long(N), long(K), long(D), st.splits, st.mean_candidates, long(st.max_candidates),
-              long(st.fallback_rows), long(st.fallback_splits), long(diff));
+              "search %ld, differ from fp32 %ld (kernel %s)\n",
+              long(N), long(K), long(D), gpu::detail::bf16_split(N, K).splits, mean, long(st.max_reranked),
+              long(st.fallback_rows), long(diff), st.kernel);
   VQ_CHECK(diff == 0, "bf16 vs fp32 at K=65536: %ld rows differ", long(diff));
   VQ_CHECK(st.fallback_rows <= N / 100, "%ld of %ld rows overflowed a candidate list", long(st.fallback_rows),
            long(N));
-  VQ_CHECK(st.mean_candidates >= 1.0 && st.mean_candidates <= 16.0, "mean exact dot products per row %.2f",
-           st.mean_candidates);
+  VQ_CHECK(mean >= 1.0 && mean <= 16.0, "mean exact dot products per row %.2f", mean);
+  VQ_CHECK(st.precision == vqkit::Precision::bf16_rerank && std::string(st.kernel) == "cuda_bf16",
+           "the stats name the path that ran");
 }
 
 void test_large_k_and_n() {

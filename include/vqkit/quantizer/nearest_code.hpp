@@ -99,9 +99,14 @@ struct SearchStats {
   /// a single scaling of the whole problem would use.
   int scale_exponent = 0;
   Index reranked = 0;      ///< bf16_rerank: (row, code) pairs re-ranked exactly in fp32
+  Index max_reranked = 0;  ///< bf16_rerank on the GPU: the most re-ranked in one row (0 on the CPU)
+  /// bf16_rerank on the GPU: rows with a code split searched in full after a
+  /// candidate-list overflow (0 on the CPU, which has no such lists).
+  Index fallback_rows = 0;
   /// The kernel that ran: "avx512" (the fp32 kernel), "avx512_bf16" (bf16 +
   /// re-rank) or "generic" (Eigen GEMM tiles: double, a CPU without
-  /// AVX-512F, or inputs the kernel does not serve). With range scaling,
+  /// AVX-512F, or inputs the kernel does not serve); on the GPU "cuda_fp32"
+  /// or "cuda_bf16". With range scaling,
   /// the last of the scaled searches.
   const char* kernel = "generic";
 };
@@ -679,6 +684,8 @@ void nearest_code_unchecked(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixR
   if (mode.stats) {
     mode.stats->precision = Precision::fp32;
     mode.stats->reranked = 0;
+    mode.stats->max_reranked = 0;
+    mode.stats->fallback_rows = 0;
     mode.stats->kernel = "generic";
   }
 #if VQKIT_K512

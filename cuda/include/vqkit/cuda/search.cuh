@@ -61,14 +61,6 @@
 namespace vqkit {
 namespace gpu {
 
-/// Optional diagnostics of one bf16_rerank search (filling them synchronises).
-struct SearchStats {
-  double mean_candidates = 0;  ///< exact dot products per row in the re-rank
-  std::int64_t max_candidates = 0;
-  std::int64_t fallback_rows = 0;    ///< rows with at least one split searched in full (list overflow)
-  std::int64_t fallback_splits = 0;  ///< (row, split) pairs searched in full
-  int splits = 0;                    ///< code splits of the launch (detail::bf16_split)
-};
 
 namespace detail {
 
@@ -101,6 +93,27 @@ __device__ __forceinline__ bool better(float s, int k, float bs, int bk) {
   return s > bs || (s == bs && k < bk);
 }
 
+/// sum_d a[d] b[d] as ONE fmaf chain over d = 0, 1, ..., D-1 from 0 (the
+/// CPU kernel's order, so bit-identical to it), with the loads of 16 terms
+/// issued before their 16 FMAs: one memory latency per 16 terms instead of
+/// one per term (the chain itself is unchanged).
+__device__ __forceinline__ float fma_chain(const float* __restrict__ a, const float* __restrict__ b, int D) {
+  float acc = 0.f;
+  int d = 0;
+  for (; d + 16 <= D; d += 16) {
+    float u[16], v[16];
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      u[j] = a[d + j];
+      v[j] = b[d + j];
+    }
+#pragma unroll
+    for (int j = 0; j < 16; ++j) acc = fmaf(u[j], v[j], acc);
+  }
+  for (; d < D; ++d) acc = fmaf(a[d], b[d], acc);
+  return acc;
+}
+
 /// p_k from ||e_k||^2 (one fmaf chain over d, like the CPU kernel's chains):
 /// L2 ||e||^2 / 2, cosine 1/||e||. `norms`, when given, holds code_norms
 /// (L2 ||e||^2, cosine 1/||e||), as the CPU backend's norms argument.
@@ -115,8 +128,7 @@ __global__ void code_param_kernel(const float* __restrict__ e, int K, int D, boo
     n = norms[k];
   } else {
     const float* r = e + std::size_t(k) * D;
-    float s = 0.f;
-    for (int d = 0; d < D; ++d) s = fmaf(r[d], r[d], s);
+    const float s = fma_chain(r, r, D);
     n = cosine ? (s > 0.f ? 1.0f / sqrtf(s) : 0.f) : s;
   }
   if (norms_out) norms_out[k] = n;
@@ -308,7 +320,7 @@ __device__ __forceinline__ float score_bound(float4 r, float4 c, float gtc, floa
 /// splitlb, so the re-rank can drop the candidates that another split
 /// has ruled out.
 template <bool Cosine>
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(256, 2)  // <= 128 registers: two blocks per SM (130 gave one: ncu, H200)
     search_bf16_kernel(const __nv_bfloat16* __restrict__ xb, const __nv_bfloat16* __restrict__ eb,
                        const float4* __restrict__ xstat, const float4* __restrict__ estat, int N,
                        int K, int D, int Dp, int codes_per_split, int* __restrict__ cnt,
@@ -455,8 +467,7 @@ __global__ void rerank_kernel(const float* __restrict__ x, const float* __restri
   int bk = 0x7fffffff, exact = 0, overflowed = 0;
   auto visit = [&](int k) {
     const float* er = e + std::size_t(k) * D;
-    float acc = 0.f;
-    for (int d = 0; d < D; ++d) acc = fmaf(xr[d], er[d], acc);
+    const float acc = fma_chain(xr, er, D);
     const float s = Cosine ? acc * p[k] : acc - p[k];
     ++exact;
     if (better(s, k, bs, bk)) {
@@ -579,14 +590,15 @@ inline std::size_t nearest_code_workspace_bytes(std::int64_t N, std::int64_t K, 
 /// device; writes indices (N) and, when non-null, distances (N). `norms`, if
 /// given, holds code_norms for the current codes (L2: ||e||^2, cosine:
 /// 1/||e||) and is used as given. Runs on be.stream with be.precision;
-/// allocates nothing and does not synchronise (unless stats is non-null).
+/// allocates nothing and does not synchronise (unless stats is non-null:
+/// the bf16 path's re-rank counts then come back, N pairs of ints).
 /// No range scaling here (the host-level call does it, as the CPU): a row
 /// none of whose scores is finite (e.g. ||e_k||^2 overflows float for every
 /// code) gets index 0 and distance +inf on both paths.
 inline void nearest_code(const cuda& be, const float* codes, std::int64_t K, const float* x,
                          std::int64_t N, std::int64_t D, Metric metric, std::int64_t* indices,
                          float* distances, const float* norms, void* workspace,
-                         std::size_t workspace_bytes, SearchStats* stats = nullptr) {
+                         std::size_t workspace_bytes, vqkit::SearchStats* stats = nullptr) {
   constexpr const char* where = "gpu::nearest_code";
   VQKIT_REQUIRE(K >= 1 && N >= 1 && D >= 1, where, "empty problem: N=", N, ", K=", K, ", D=", D);
   VQKIT_REQUIRE(K <= kMaxRows && N <= kMaxRows && D < (std::int64_t(1) << 22), where,
@@ -629,6 +641,10 @@ inline void nearest_code(const cuda& be, const float* codes, std::int64_t K, con
     else
       finalize_kernel<false><<<blocks(N, 256), 256, 0, s>>>(b.keys, b.xn2, n, indices, distances);
     check_launch("finalize_kernel");
+    if (stats) {
+      *stats = vqkit::SearchStats{};
+      stats->kernel = "cuda_fp32";
+    }
     return;
   }
 
@@ -666,16 +682,14 @@ inline void nearest_code(const cuda& be, const float* codes, std::int64_t K, con
     std::vector<int2> r(static_cast<std::size_t>(N));
     download(r.data(), b.rstat, r.size(), s);
     check(cudaStreamSynchronize(s), "cudaStreamSynchronize");
-    double sum = 0;
-    *stats = SearchStats{};
-    stats->splits = sp.splits;
+    *stats = vqkit::SearchStats{};
+    stats->precision = Precision::bf16_rerank;
+    stats->kernel = "cuda_bf16";
     for (const int2& v : r) {
-      sum += double(v.x);
-      stats->max_candidates = std::max<std::int64_t>(stats->max_candidates, v.x);
+      stats->reranked += v.x;
+      stats->max_reranked = std::max<Index>(stats->max_reranked, v.x);
       stats->fallback_rows += v.y > 0;
-      stats->fallback_splits += v.y;
     }
-    stats->mean_candidates = sum / double(N);
   }
 }
 
@@ -738,7 +752,7 @@ struct PlainSearch<cuda> {
                                  std::size_t(D) * fs, std::size_t(N), cudaMemcpyHostToDevice, be.stream),
                "upload x");
     if (norms) gpu::upload(dn, norms->data(), std::size_t(K), be.stream);
-    gpu::nearest_code(be, dc, K, dx, N, D, opt.metric, di, dd, dn, ws, wb);
+    gpu::nearest_code(be, dc, K, dx, N, D, opt.metric, di, dd, dn, ws, wb, mode.stats);
     if (distances) distances->resize(N);
     // indices may be a strided Ref: stage through a contiguous vector when it is.
     if (indices.innerStride() == 1) {
@@ -751,11 +765,6 @@ struct PlainSearch<cuda> {
     }
     if (distances) gpu::download(distances->data(), dd, std::size_t(N), be.stream);
     be.sync();
-    if (mode.stats) {
-      mode.stats->precision = be.precision;
-      mode.stats->reranked = 0;
-      mode.stats->kernel = be.precision == Precision::bf16_rerank ? "cuda_bf16" : "cuda_fp32";
-    }
   }
 };
 
