@@ -124,6 +124,49 @@ TEST_CASE("a steady VectorQuantizer<float> step makes no heap allocation", "[all
   }
 }
 
+TEST_CASE("a steady step with the bf16 + re-rank search makes no heap allocation", "[alloc][vq][bf16]") {
+  // The bf16 kernel's scratch lives in the quantizer's SearchWorkspace (it
+  // was thread_local); a steady step reuses it.
+  if (!bf16_search_supported()) VQKIT_SKIP("no AVX512-BF16 here: the bf16 search does not run");
+  for (const int threads : {1, 2}) {
+    INFO("threads " << threads);
+    VectorQuantizerConfig cfg;
+    cfg.codebook_size = 256;
+    cfg.dim = 128;
+    cfg.search_precision = Precision::bf16_rerank;
+    cfg.memory_bank_size = 2048;
+    VectorQuantizer<float> vq(cfg, cpu{threads});
+    const Index N = 512;
+    std::vector<RowMatrix<float>> batches;
+    for (int s = 0; s < 8; ++s) batches.push_back(test::gaussian<float>(N, 128, std::uint64_t(300 + s)));
+    const RowMatrix<float> dq = test::gaussian<float>(N, 128, 9);
+    RowMatrix<float> q, dx;
+    VectorQuantizer<float>::Context ctx;
+    for (int s = 0; s < 5; ++s) {
+      vq.forward(batches[std::size_t(s)], q, ctx);
+      vq.backward(ctx, dq, &dx);
+    }
+    REQUIRE(vq.init_refined());
+    for (int s = 5; s < 8; ++s) {
+      const long n = allocations([&] {
+        vq.forward(batches[std::size_t(s)], q, ctx);
+        vq.backward(ctx, dq, &dx);
+      });
+      CHECK(n == 0);
+    }
+    // The search that ran was the bf16 one, and it equals the fp32 search.
+    SearchStats st;
+    SearchMode mode;
+    mode.precision = Precision::bf16_rerank;
+    mode.stats = &st;
+    IndexVector a(N), b(N);
+    nearest_code<float>(cpu{threads}, vq.codebook(), batches[7], a, nullptr, {}, nullptr, mode);
+    CHECK(st.precision == Precision::bf16_rerank);
+    nearest_code<float>(cpu{threads}, vq.codebook(), batches[7], b);
+    CHECK(a == b);
+  }
+}
+
 TEST_CASE("Codebook::encode/decode of a steady batch shape make no heap allocation", "[alloc][codebook]") {
   if (!avx512_search_supported())
     VQKIT_SKIP("no AVX-512F: the generic search path allocates its tiles per call");

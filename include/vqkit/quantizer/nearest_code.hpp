@@ -299,10 +299,26 @@ struct Workspace {
 }  // namespace k512
 }  // namespace detail
 
-/// Scratch of the fp32 search kernel (see SearchMode::workspace): the
-/// kernel's code norms and parameters, and one block of packed rows and
-/// running results per thread. Buffers only grow.
+namespace detail::kbf16 {
+struct Scratch;  // nearest_code_bf16.hpp
+}  // namespace detail::kbf16
+
+/// Scratch of the search kernels (see SearchMode::workspace): the fp32
+/// kernel's code norms and parameters and one block of packed rows and
+/// running results per thread; the bf16 kernel's scratch. Buffers only grow.
+/// A copy starts with an empty bf16 scratch (scratch is never shared).
 struct SearchWorkspace {
+  struct Bf16Holder {
+    std::shared_ptr<detail::kbf16::Scratch> p;
+    Bf16Holder() = default;
+    Bf16Holder(const Bf16Holder&) {}
+    Bf16Holder& operator=(const Bf16Holder&) {
+      p.reset();
+      return *this;
+    }
+    Bf16Holder(Bf16Holder&&) noexcept = default;
+    Bf16Holder& operator=(Bf16Holder&&) noexcept = default;
+  } bf16;  ///< detail::kbf16::Scratch, made on first use
   Vector<float> norms;
   detail::k512::AlignedBuffer norm_scratch;
   std::vector<float> param;
@@ -669,7 +685,7 @@ VQKIT_K512_TARGET inline bool nearest_code_avx512(const cpu& be, ConstMatrixRef<
 inline bool nearest_code_bf16(const cpu& be, ConstMatrixRef<float> codes, ConstMatrixRef<float> x,
                               Eigen::Ref<IndexVector> indices, Vector<float>* distances,
                               const SearchOptions& opt, const Vector<float>* norms,
-                              Index* reranked);
+                              Index* reranked, SearchWorkspace* workspace);
 #endif
 
 /// The search without the argument checks and without range scaling
@@ -693,7 +709,7 @@ void nearest_code_unchecked(const cpu& be, ConstMatrixRef<T> codes, ConstMatrixR
     if (avx512_search_supported()) {
       if (mode.precision == Precision::bf16_rerank && bf16_search_supported()) {
         Index reranked = 0;
-        if (nearest_code_bf16(be, codes, x, indices, distances, opt, norms, &reranked)) {
+        if (nearest_code_bf16(be, codes, x, indices, distances, opt, norms, &reranked, mode.workspace)) {
           if (mode.stats) {
             mode.stats->precision = Precision::bf16_rerank;
             mode.stats->reranked = reranked;

@@ -107,7 +107,7 @@ struct Buf {
   }
 };
 
-/// Per-thread scratch, kept between calls.
+/// One thread's scratch (Scratch holds one per thread).
 struct Workspace {
   Buf<std::uint32_t> packed;
   Buf<float> part;
@@ -115,10 +115,19 @@ struct Workspace {
   std::vector<std::vector<Cand>> cand;
   std::vector<std::int32_t> pair_row, pair_code;
 };
-inline Workspace& thread_workspace() {
-  static thread_local Workspace ws;
-  return ws;
-}
+
+/// All the scratch of one search, kept by the caller between calls in its
+/// SearchWorkspace (no thread_local state): the codes as bf16 pairs, the
+/// kernel's norms and parameters, and one Workspace per thread.
+struct Scratch {
+  Buf<std::uint32_t> cbuf;
+  Vector<float> knorms;
+  k512::AlignedBuffer norm_scratch;
+  std::vector<float> param;
+  std::vector<std::int32_t> cidx;
+  std::vector<double> n2;
+  std::vector<Workspace> threads;
+};
 
 /// Everything a block search reads.
 struct Problem {
@@ -416,28 +425,39 @@ VQKIT_BF16_TARGET Index search_block(const Problem& P, Workspace& ws, Index blk)
 inline bool nearest_code_bf16(const cpu& be, ConstMatrixRef<float> codes, ConstMatrixRef<float> x,
                               Eigen::Ref<IndexVector> indices, Vector<float>* distances,
                               const SearchOptions& opt, const Vector<float>* norms,
-                              Index* reranked) {
+                              Index* reranked, SearchWorkspace* sw) {
   using namespace kbf16;
   const Index K = codes.rows(), D = codes.cols(), N = x.rows();
   if (K >= Index(std::numeric_limits<std::int32_t>::max()) || D > 65536) return false;
   const bool cosine = opt.metric == Metric::cosine;
+  // The caller's scratch (a quantizer keeps one), else this call's own.
+  std::shared_ptr<Scratch> local;
+  if (sw && !sw->bf16.p) sw->bf16.p = std::make_shared<Scratch>();
+  if (!sw) local = std::make_shared<Scratch>();
+  Scratch& sc = sw ? *sw->bf16.p : *local;
   // The kernel's own norms, not the caller's: see kernel_norms.
-  Vector<float> knorms;
-  k512::kernel_norms(codes, cosine, knorms);
-  std::vector<float> param;
-  std::vector<std::int32_t> cidx;
+  Vector<float>& knorms = sc.knorms;
+  k512::kernel_norms(codes, cosine, knorms, &sc.norm_scratch);
+  std::vector<float>& param = sc.param;
+  std::vector<std::int32_t>& cidx = sc.cidx;
   if (!k512::kernel_params(codes, knorms, cosine, param, cidx)) return false;
   const Index Kp = Index(param.size()), D2 = (D + 1) / 2;
 
   // The codes as bf16 pairs, and their squared norms in double (for the bound).
-  static thread_local Buf<std::uint32_t> cbuf;  // the caller's thread's, reused between calls
-  std::uint32_t* cb = cbuf.get(K * D2);
-  std::vector<double> n2(static_cast<std::size_t>(K));
+  std::uint32_t* cb = sc.cbuf.get(K * D2);
+  std::vector<double>& n2 = sc.n2;
+  n2.resize(static_cast<std::size_t>(K));
   {
     const float* cbase = codes.data();
     const Index ldc = codes.outerStride();
-#pragma omp parallel for schedule(static) num_threads(be.num_threads()) if (K * D >= (Index(1) << 16))
-    for (Index k = 0; k < K; ++k) n2[std::size_t(k)] = convert_code(cbase + k * ldc, D, cb + k * D2);
+    // (No parallel region when it would run on one thread: libgomp
+    // allocates a team for each serial region, test_no_alloc sees it.)
+    if (be.num_threads() > 1 && K * D >= (Index(1) << 16)) {
+#pragma omp parallel for schedule(static) num_threads(be.num_threads())
+      for (Index k = 0; k < K; ++k) n2[std::size_t(k)] = convert_code(cbase + k * ldc, D, cb + k * D2);
+    } else {
+      for (Index k = 0; k < K; ++k) n2[std::size_t(k)] = convert_code(cbase + k * ldc, D, cb + k * D2);
+    }
   }
   double cmax2 = 0, pmax = 0, qmax = 0;
   for (Index k = 0; k < K; ++k) {
@@ -482,17 +502,43 @@ inline bool nearest_code_bf16(const cpu& be, ConstMatrixRef<float> codes, ConstM
   const Index blocks = (N + P.mc - 1) / P.mc;
 
   Index total = 0;
-#pragma omp parallel num_threads(be.num_threads()) reduction(+ : total)
-  {
-    Workspace& ws = thread_workspace();
-    const std::size_t mc = std::size_t(P.mc);
+  const int nt = be.num_threads();
+  if (sc.threads.size() < std::size_t(nt)) sc.threads.resize(std::size_t(nt));
+  const std::size_t mc = std::size_t(P.mc);
+  auto prepare = [&](Workspace& ws) {
     ws.xn2.resize(mc);
     ws.runmax.resize(mc);
     ws.tol.resize(mc);
-    if (ws.cand.size() < mc) ws.cand.resize(mc);
-#pragma omp for schedule(dynamic, 1)
+    if (ws.cand.size() < mc) {
+      // Room for the usual candidate counts up front, so that a steady
+      // stream of batches stops allocating after its first call (a row
+      // with more candidates than this still grows its list).
+      const std::size_t had = ws.cand.size();
+      ws.cand.resize(mc);
+      for (std::size_t r = had; r < mc; ++r) ws.cand[r].reserve(64);
+      ws.pair_row.reserve(16 * mc);
+      ws.pair_code.reserve(16 * mc);
+      ws.exact.reserve(16 * mc);
+    }
+  };
+  if (nt == 1) {  // no parallel region (see the conversion above)
+    Workspace& ws = sc.threads[0];
+    prepare(ws);
     for (Index blk = 0; blk < blocks; ++blk)
       total += cosine ? search_block<true>(P, ws, blk) : search_block<false>(P, ws, blk);
+  } else {
+#pragma omp parallel num_threads(nt) reduction(+ : total)
+    {
+#ifdef _OPENMP
+      Workspace& ws = sc.threads[std::size_t(omp_get_thread_num())];
+#else
+      Workspace& ws = sc.threads[0];
+#endif
+      prepare(ws);
+#pragma omp for schedule(dynamic, 1)
+      for (Index blk = 0; blk < blocks; ++blk)
+        total += cosine ? search_block<true>(P, ws, blk) : search_block<false>(P, ws, blk);
+    }
   }
   if (reranked) *reranked = total;
   return true;
