@@ -29,19 +29,26 @@
 //    bound itself (norms are computed in double and rounded up). If w is the
 //    fp32 winner, A_iw + B_iw >= S_iw >= S_ij >= A_ij - B_ij for all j, so w
 //    lies in C_i = {k : A_ik + B_ik >= max_j (A_ij - B_ij)} (tested in double).
-//    The kernel keeps a running max of A - B per row (a lower bound of the
-//    final one, so the set it collects is a superset of C_i), appends the
-//    candidates to a per-row list of capacity kCandidates, and the re-rank
-//    picks the best exact score (lowest index on ties): the fp32 path's
-//    answer. A row whose list overflows (or that met a non-finite value) is
-//    searched in full by the exact chain. The tensor-core term assumes
+//    The codes are split over the grid's y axis when N is small (bf16_split,
+//    a function of N and K only). Each (row, split) keeps a running max of
+//    A - B (a lower bound of the final one, so it collects a superset of
+//    C_i) and appends its candidates, with their A + B rounded up, to its
+//    own list of capacity kCandidates; at the end it stores its max of A - B
+//    rounded down. The re-rank takes lb = the max over the splits and
+//    visits only the candidates with A + B >= lb, then picks the best exact
+//    score (lowest index on ties): the fp32 path's answer. A split whose
+//    list overflowed (or that met a non-finite value) is searched in full
+//    over its own codes by the exact chain. The tensor-core term assumes
 //    accumulation with at most one truncation per addition (what published
 //    measurements of NVIDIA tensor cores show, with a 2x margin), the one
 //    assumption of the proof that is not IEEE arithmetic.
 //
 // Inputs must be finite (the host-level overload checks; the device-level
-// call does not). Results do not depend on the launch configuration, the
-// number of code splits or the order in which blocks run.
+// call does not). The host-level call also scales inputs outside float's safe
+// range by powers of two, as the CPU does (detail::nearest_code_ranged); the
+// device-level call does not, and a row with no finite score gets index 0 and
+// distance +inf on both paths. Results do not depend on the launch
+// configuration, the number of code splits or the order in which blocks run.
 #pragma once
 
 #include <cuda_bf16.h>
