@@ -242,10 +242,22 @@ Index split_empty_clusters(RowMatrix<T>& c, Vector<T>& counts, T min_size = T(1)
   return splits;
 }
 
+/// The CPU backend that runs a backend's seeding (host code): the backend
+/// itself on the CPU, a default cpu{} for the others.
+inline cpu seeding_backend(const cpu& be) { return be; }
+template <class Backend>
+cpu seeding_backend(const Backend&) {
+  return cpu{};
+}
+
 }  // namespace detail
 
-template <class T>
-KMeansResult<T> kmeans(const cpu& be, ConstMatrixRef<T> data, const KMeansOptions& opt, Rng& rng) {
+/// k-means of the rows of data, on any backend: written once over the
+/// backend's primitives (nearest_code_ranged through detail::PlainSearch,
+/// cluster_stats); the seeding is host code on the CPU backend, so every
+/// backend draws the same Rng numbers. (The CUDA backend: cuda/kmeans.cuh.)
+template <class T, class Backend>
+KMeansResult<T> kmeans(const Backend& be, ConstMatrixRef<T> data, const KMeansOptions& opt, Rng& rng) {
   constexpr const char* where = "kmeans";
   const Index n = data.rows(), D = data.cols();
   VQKIT_REQUIRE(opt.k >= 1, where, "k must be >= 1, got k=", opt.k);
@@ -256,13 +268,14 @@ KMeansResult<T> kmeans(const cpu& be, ConstMatrixRef<T> data, const KMeansOption
   VQKIT_REQUIRE(opt.min_cluster_fraction >= 0.0 && opt.min_cluster_fraction <= 1.0, where,
                 "min_cluster_fraction must lie in [0, 1], got ", opt.min_cluster_fraction);
   // One scan: finiteness, and the largest |entry| for the search's range scaling.
-  const T data_max = detail::max_abs(data, &be);
+  const cpu host = detail::seeding_backend(be);
+  const T data_max = detail::max_abs(data, &host);
   if (!std::isfinite(data_max)) detail::require_finite(data, where, "data");
 
   KMeansResult<T> r;
   r.centroids = !opt.plus_plus     ? detail::kmeans_random_rows<T>(data, opt.k, rng)
-                : opt.exact_seeding ? detail::kmeans_plus_plus_exact<T>(be, data, opt.k, rng)
-                                    : detail::kmeans_plus_plus<T>(be, data, opt.k, rng, data_max);
+                : opt.exact_seeding ? detail::kmeans_plus_plus_exact<T>(host, data, opt.k, rng)
+                                    : detail::kmeans_plus_plus<T>(host, data, opt.k, rng, data_max);
   // A cluster below min_size rows is re-seeded (never below 1: empty ones always are).
   const T min_size = std::max(T(1), T(std::ceil(opt.min_cluster_fraction * double(n) / double(opt.k))));
   IndexVector assign(n);

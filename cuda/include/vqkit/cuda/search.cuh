@@ -742,6 +742,7 @@ struct PlainSearch<cuda> {
     static_assert(std::is_same_v<T, float>, "the CUDA backend computes in float");
     cuda be = be_in;
     if (mode.precision == Precision::bf16_rerank) be.precision = Precision::bf16_rerank;
+    be.activate();
     const Index K = codes.rows(), D = codes.cols(), N = x.rows();
     auto& a = *be.arena;
     const std::size_t fs = sizeof(float);
