@@ -130,6 +130,9 @@ def main():
     ap.add_argument("--out", default=os.path.join(REPO, "runs", "step_compare"),
                     help="folder for each run's JSON and summary.json")
     ap.add_argument("--verbose", action="store_true", help="show each step's line")
+    ap.add_argument("--search-precision", default="fp32", choices=["fp32", "bf16_rerank"],
+                    help="vqkit's search arithmetic (bf16_rerank: the same indices, faster at D >= 256 "
+                         "where the CPU has AVX512-BF16); PyTorch always runs fp32")
     args = ap.parse_args()
 
     vq = args.vqkit
@@ -169,6 +172,8 @@ def main():
                     flags = ["--batch", str(B), "--tokens", str(N), "--threads", str(T),
                              "--steps", str(steps), "--seed", str(r), "--json", path]
                     cmd = ([vq] if impl == "vqkit" else [args.python, args.torch_script]) + flags
+                    if impl == "vqkit":
+                        cmd += ["--search-precision", args.search_precision]
                     wall = run_one(cmd, env, args.verbose)
                     with open(path) as f:
                         data = json.load(f)
