@@ -75,6 +75,27 @@ LayerTrace run_layer(const vqkit::VectorQuantizerConfig& cfg, const std::vector<
 LayerTrace cpu_layer_run(const vqkit::VectorQuantizerConfig& cfg, const std::vector<Mat>& batches,
                          const std::vector<Mat>& dqs);
 
+/// The configs both layer comparisons run (test_cuda_layer,
+/// test_cuda_device_layer): EMA with the k-means init over a small bank, and
+/// gradient mode with the replace policy under cosine.
+inline vqkit::VectorQuantizerConfig layer_test_ema_config() {
+  vqkit::VectorQuantizerConfig c;
+  c.codebook_size = 64;
+  c.dim = 16;
+  c.memory_bank_size = 1500;
+  c.init_min_rows = 256;
+  c.seed = 3;
+  return c;
+}
+inline vqkit::VectorQuantizerConfig layer_test_gradient_config() {
+  vqkit::VectorQuantizerConfig c = layer_test_ema_config();
+  c.update = vqkit::CodebookUpdate::gradient;
+  c.dead.policy = vqkit::DeadCodePolicy::replace;
+  c.dead.replace_threshold = 0.5;
+  c.metric = vqkit::Metric::cosine;
+  return c;
+}
+
 // ---- a tiny test harness: a failed check is counted and printed ----------------
 inline int& failures() {
   static int f = 0;

@@ -56,17 +56,7 @@ int main() {
     return 77;
   }
   try {
-    vqkit::VectorQuantizerConfig ema;
-    ema.codebook_size = 64;
-    ema.dim = 16;
-    ema.memory_bank_size = 1500;
-    ema.init_min_rows = 256;
-    ema.seed = 3;
-    vqkit::VectorQuantizerConfig grad = ema;
-    grad.update = vqkit::CodebookUpdate::gradient;
-    grad.dead.policy = vqkit::DeadCodePolicy::replace;
-    grad.dead.replace_threshold = 0.5;
-    grad.metric = vqkit::Metric::cosine;
+    const vqkit::VectorQuantizerConfig ema = layer_test_ema_config(), grad = layer_test_gradient_config();
     for (auto p : {vqkit::SearchPrecision::fp32, vqkit::SearchPrecision::bf16_rerank}) {
       compare("EMA, k-means init", ema, p);
       compare("gradient, replace, cos", grad, p);

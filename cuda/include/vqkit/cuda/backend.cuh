@@ -75,6 +75,12 @@ inline unsigned grid_1d(std::size_t items, unsigned threads = 256) {
   return unsigned(b < 1 ? 1 : (b > (std::size_t(1) << 20) ? (std::size_t(1) << 20) : b));
 }
 
+/// Blocks of `per_block` items covering n, one item per thread (n <=
+/// kMaxRows, or n / per_block below 2^31 otherwise: no overflow).
+inline unsigned blocks(std::int64_t n, std::int64_t per_block) {
+  return unsigned((n + per_block - 1) / per_block);
+}
+
 inline constexpr std::size_t kAlign = 256;
 inline constexpr std::size_t align_up(std::size_t n, std::size_t a = kAlign) {
   return (n + a - 1) / a * a;

@@ -177,12 +177,8 @@ class DeviceVectorQuantizer {
     } else {
       const std::size_t sb = cluster_stats_workspace_bytes(N, K, false);
       cluster_counts(be_, idx, N, K, counts_.data(), detail::ensure(stats_ws_, sb), sb);
-      if (training_) {  // gradient mode still tracks EMA cluster sizes (replace policy)
-        const float g = float(cfg_.ema.decay);
-        gpu::detail::ema_sizes_kernel<<<unsigned((K + 255) / 256), 256, 0, be_.stream>>>(
-            cluster_size_.data(), counts_.data(), int(K), g, 1.0f - g);
-        check_launch("ema_sizes_kernel");
-      }
+      if (training_)  // gradient mode still tracks EMA cluster sizes (replace policy)
+        ema_sizes(be_, cluster_size_.data(), counts_.data(), K, cfg_.ema.decay);
     }
     if (training_) {
       usage_record(be_, counts_.data(), K, since_.data(), used_.data());
@@ -387,7 +383,7 @@ class DeviceVectorQuantizer {
             bank_.data(), drows, int(n), int(D), vals);
         check_launch("gather_rows_kernel");
         ema_reset_codes(be_, dks, vals, n, D, mean, codes_.data(), cluster_size_.data(), embed_sum_.data());
-        detail::usage_reset_kernel<<<unsigned((n + 255) / 256), 256, 0, be_.stream>>>(dks, int(n), since_.data(),
+        detail::usage_reset_kernel<<<blocks(n, 256), 256, 0, be_.stream>>>(dks, int(n), since_.data(),
                                                                                      used_.data());
         check_launch("usage_reset_kernel");
         be_.sync();  // ks and rows are host temporaries

@@ -578,11 +578,6 @@ __global__ void estat_param_kernel(float4* __restrict__ estat, const float* __re
   if (k < K) estat[k].w = p[k];
 }
 
-/// Blocks of `per_block` items covering n (n <= kMaxRows: no overflow).
-inline unsigned blocks(std::int64_t n, std::int64_t per_block) {
-  return unsigned((n + per_block - 1) / per_block);
-}
-
 }  // namespace detail
 
 /// Bytes of workspace nearest_code() needs for these sizes and this precision.
@@ -608,9 +603,9 @@ inline void nearest_code(const cuda& be, const float* codes, std::int64_t K, con
                          std::size_t workspace_bytes, vqkit::SearchStats* stats = nullptr) {
   constexpr const char* where = "gpu::nearest_code";
   VQKIT_REQUIRE(K >= 1 && N >= 1 && D >= 1, where, "empty problem: N=", N, ", K=", K, ", D=", D);
-  VQKIT_REQUIRE(K <= kMaxRows && N <= kMaxRows && D < (std::int64_t(1) << 22), where,
-                "sizes out of range: N=", N, ", K=", K, ", D=", D, " (N, K <= ", kMaxRows,
-                ", D < 2^22)");
+  require_rows(where, "N", N);
+  require_rows(where, "K", K);
+  VQKIT_REQUIRE(D < (std::int64_t(1) << 22), where, "D=", D, " is out of range (D < 2^22)");
   const SearchPrecision prec = be.precision;
   VQKIT_REQUIRE(workspace_bytes >= nearest_code_workspace_bytes(N, K, D, prec), where,
                 "workspace of ", workspace_bytes, " bytes, needs ",
@@ -620,7 +615,6 @@ inline void nearest_code(const cuda& be, const float* codes, std::int64_t K, con
   const cudaStream_t s = be.stream;
   const bool cosine = metric == Metric::cosine;
   const int n = int(N), k = int(K), d = int(D);
-  using detail::blocks;
 
   detail::code_param_kernel<<<blocks(K, 256), 256, 0, s>>>(codes, k, d, cosine, norms, b.p, b.norms);
   check_launch("code_param_kernel");
@@ -718,7 +712,7 @@ Vector<T> code_norms(const cuda& be, ConstMatrixRef<T> codes, Metric metric) {
                                std::size_t(D) * sizeof(float), std::size_t(K),
                                cudaMemcpyHostToDevice, be.stream),
              "upload codes");
-  gpu::detail::code_param_kernel<<<int((K + 255) / 256), 256, 0, be.stream>>>(
+  gpu::detail::code_param_kernel<<<gpu::blocks(K, 256), 256, 0, be.stream>>>(
       dc, int(K), int(D), metric == Metric::cosine, nullptr, dp, dp + K);
   gpu::check_launch("code_param_kernel");
   Vector<T> n(K);

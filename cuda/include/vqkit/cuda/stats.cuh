@@ -209,10 +209,10 @@ inline void cluster_counts(const cuda& be, const std::int64_t* idx, std::int64_t
   const int n = int(N), k = int(K);
   const int init = n;
   check(cudaMemcpyAsync(b.bad, &init, sizeof(int), cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
-  detail::keys_kernel<<<unsigned((N + 255) / 256), 256, 0, s>>>(idx, n, k, b.keys, nullptr, b.bad);
+  detail::keys_kernel<<<blocks(N, 256), 256, 0, s>>>(idx, n, k, b.keys, nullptr, b.bad);
   check_launch("keys_kernel");
   detail::count_keys(b.keys, N, K, b.counts, s);
-  detail::counts_to_float_kernel<float><<<unsigned((K + 255) / 256), 256, 0, s>>>(b.counts, k, counts);
+  detail::counts_to_float_kernel<float><<<blocks(K, 256), 256, 0, s>>>(b.counts, k, counts);
   check_launch("counts_to_float_kernel");
   if (bad_row_out) check(cudaMemcpyAsync(bad_row_out, b.bad, sizeof(int), cudaMemcpyDeviceToDevice, s), "copy");
 }
@@ -238,7 +238,7 @@ inline void cluster_stats(const cuda& be, const float* x, const std::int64_t* id
   const int n = int(N), k = int(K), d = int(D);
   const int init = n;
   check(cudaMemcpyAsync(b.bad, &init, sizeof(int), cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
-  detail::keys_kernel<<<unsigned((N + 255) / 256), 256, 0, s>>>(idx, n, k, b.keys, b.rows, b.bad);
+  detail::keys_kernel<<<blocks(N, 256), 256, 0, s>>>(idx, n, k, b.keys, b.rows, b.bad);
   check_launch("keys_kernel");
   std::size_t tb = b.temp_bytes;
   check(cub::DeviceRadixSort::SortPairs(b.temp, tb, b.keys, b.keys_sorted, b.rows, b.rows_sorted, n, 0,
@@ -248,12 +248,20 @@ inline void cluster_stats(const cuda& be, const float* x, const std::int64_t* id
   check(cudaMemsetAsync(b.counts + k, 0, sizeof(int), s), "cudaMemsetAsync");
   tb = b.temp_bytes;
   check(cub::DeviceScan::ExclusiveSum(b.temp, tb, b.counts, b.start, k + 1, s), "cub::DeviceScan::ExclusiveSum");
-  detail::counts_to_float_kernel<float><<<unsigned((K + 255) / 256), 256, 0, s>>>(b.counts, k, counts);
+  detail::counts_to_float_kernel<float><<<blocks(K, 256), 256, 0, s>>>(b.counts, k, counts);
   check_launch("counts_to_float_kernel");
   detail::bucket_sums_kernel<<<grid_1d(std::size_t(K) * std::size_t(D)), 256, 0, s>>>(x, d, b.rows_sorted,
                                                                                       b.start, k, sums);
   check_launch("bucket_sums_kernel");
   if (bad_row_out) check(cudaMemcpyAsync(bad_row_out, b.bad, sizeof(int), cudaMemcpyDeviceToDevice, s), "copy");
+}
+
+/// N_k <- g N_k + (1 - g) n_k for the K cluster sizes (device arrays): the
+/// first part of ema_update, and all of it that gradient mode tracks.
+inline void ema_sizes(const cuda& be, float* cluster_size, const float* counts, std::int64_t K, double decay) {
+  const float g = float(decay);
+  detail::ema_sizes_kernel<<<blocks(K, 256), 256, 0, be.stream>>>(cluster_size, counts, int(K), g, 1.0f - g);
+  check_launch("ema_sizes_kernel");
 }
 
 /// Workspace of ema_update: one double.
@@ -271,8 +279,7 @@ inline void ema_update(const cuda& be, float* cluster_size, float* embed_sum, co
   const int k = int(K), d = int(D);
   const float g = float(opt.decay), h = 1.0f - float(opt.decay);
   double* scale = static_cast<double*>(workspace);
-  detail::ema_sizes_kernel<<<unsigned((K + 255) / 256), 256, 0, s>>>(cluster_size, counts, k, g, h);
-  check_launch("ema_sizes_kernel");
+  ema_sizes(be, cluster_size, counts, K, opt.decay);
   detail::ema_scale_kernel<<<1, 1024, 0, s>>>(cluster_size, k, opt.eps, scale);
   check_launch("ema_scale_kernel");
   detail::ema_codes_kernel<<<grid_1d(std::size_t(K) * std::size_t(D)), 256, 0, s>>>(

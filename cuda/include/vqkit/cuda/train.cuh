@@ -183,7 +183,7 @@ inline void vq_input_grad(const cuda& be, const float* residual, const float* dq
                           const LossOptions& opt, float* dx) {
   const float c = float(2.0 * opt.commitment_weight / opt.scale(N, D));
   const std::size_t n = std::size_t(N * D);
-  detail::input_grad_kernel<<<unsigned((n + 255) / 256), 256, 0, be.stream>>>(residual, dq, n, c, dx);
+  detail::input_grad_kernel<<<blocks(n, 256), 256, 0, be.stream>>>(residual, dq, n, c, dx);
   check_launch("input_grad_kernel");
 }
 
@@ -201,7 +201,7 @@ inline void vq_codebook_grad(const cuda& be, const float* residual, const std::i
   const int n = int(N), k = int(K), d = int(D);
   const int init = n;
   check(cudaMemcpyAsync(b.bad, &init, sizeof(int), cudaMemcpyHostToDevice, s), "cudaMemcpyAsync");
-  detail::keys_kernel<<<unsigned((N + 255) / 256), 256, 0, s>>>(idx, n, k, b.keys, b.rows, b.bad);
+  detail::keys_kernel<<<blocks(N, 256), 256, 0, s>>>(idx, n, k, b.keys, b.rows, b.bad);
   check_launch("keys_kernel");
   std::size_t tb = b.temp_bytes;
   check(cub::DeviceRadixSort::SortPairs(b.temp, tb, b.keys, b.keys_sorted, b.rows, b.rows_sorted, n, 0,
@@ -220,7 +220,7 @@ inline void vq_codebook_grad(const cuda& be, const float* residual, const std::i
 /// UsageTracker::record on device arrays (since, used: K int64) from device counts.
 inline void usage_record(const cuda& be, const float* counts, std::int64_t K, std::int64_t* since,
                          std::int64_t* used) {
-  detail::usage_record_kernel<<<unsigned((K + 255) / 256), 256, 0, be.stream>>>(counts, int(K), since, used);
+  detail::usage_record_kernel<<<blocks(K, 256), 256, 0, be.stream>>>(counts, int(K), since, used);
   check_launch("usage_record_kernel");
 }
 
@@ -232,7 +232,7 @@ inline std::pair<std::int64_t, std::int64_t> usage_counts(const cuda& be, const 
                                                           void* workspace) {
   auto* c = static_cast<unsigned long long*>(workspace);
   check(cudaMemsetAsync(c, 0, 2 * sizeof(unsigned long long), be.stream), "cudaMemsetAsync");
-  detail::usage_count_kernel<<<unsigned((K + 255) / 256), 256, 0, be.stream>>>(since, used, int(K), dead_after,
+  detail::usage_count_kernel<<<blocks(K, 256), 256, 0, be.stream>>>(since, used, int(K), dead_after,
                                                                                window, c);
   check_launch("usage_count_kernel");
   unsigned long long h[2] = {0, 0};
