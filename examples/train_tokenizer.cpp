@@ -214,9 +214,10 @@ Dataset load_data(const std::string& dir) {
 
 const std::vector<std::string> kColumns = {
     "step",      "seconds",    "lr",           "total", "depth_l1", "surface", "occupancy", "vq",
-    "grad_norm", "perplexity", "usage", "window_usage", "dead",     "reinit",  "replaced"};
+    "grad_norm", "perplexity", "usage", "window_usage", "dead",     "reinit",  "replaced",
+    "lag_fraction", "ema_decay"};
 enum Col { kStep, kSeconds, kLr, kTotal, kDepth, kSurface, kOcc, kVq, kGrad, kPpl, kUsage, kWindow,
-           kDead, kReinit, kReplaced };
+           kDead, kReinit, kReplaced, kLag, kDecay };
 
 /// Rows of an earlier CSV of these columns (step first) with step <= last_step
 /// (for --resume).
@@ -494,7 +495,9 @@ int run(const Options& o) {
                             static_cast<double>(m.window_usage),
                             static_cast<double>(m.dead),
                             static_cast<double>(tk.net.vq.reinit_count()),
-                            static_cast<double>(tk.net.vq.replaced_count())};
+                            static_cast<double>(tk.net.vq.replaced_count()),
+                            m.lag_fraction,
+                            m.ema_decay};
     csv.row(row);
     history.push_back(row);
     vqkit::Metrics shown;

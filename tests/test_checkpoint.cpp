@@ -282,6 +282,7 @@ TEMPLATE_TEST_CASE("the checkpoint is a plain safetensors file", "[checkpoint][f
       {"data_initialized", {"I64", {}}},
       {"init_refined", {"I64", {}}},
       {"training", {"I64", {}}},
+      {"last_init_step", {"I64", {}}},
   };
   std::set<std::string> names;
   for (const auto& [name, entry] : j.items())
@@ -360,6 +361,11 @@ TEST_CASE("config metadata round-trips every field exactly", "[checkpoint][confi
   c.dead.min_steps = 0;
   c.dead.max_dead_fraction = 0.999;
   c.dead.replace_threshold = 2.5;
+  c.dead.reinit_below_usage = 0.125;
+  c.dead.replace_after = 17;
+  c.dead.replace_from_steps = 3;
+  c.ema.warmup_decay = 0.5;
+  c.ema.warmup_steps = 1234;
   c.init = InitMethod::normalized;
   c.kmeans_iterations = 0;
   c.kmeans_min_cluster_fraction = 0.0;
@@ -374,8 +380,10 @@ TEST_CASE("config metadata round-trips every field exactly", "[checkpoint][confi
   c.search.code_block = 5;
   c.search_precision = Precision::bf16_rerank;
   const auto m = config_to_metadata(c);
-  CHECK(m.size() == 28);
+  CHECK(m.size() == 33);
   CHECK(m.at("search_precision") == "bf16_rerank");
+  CHECK(m.at("dead.replace_after") == "17");
+  CHECK(m.at("ema.warmup_decay") == "0.5");
   CHECK(m.at("ema.decay") == "0.30000000000000004");
   CHECK(m.at("seed") == "18446744073709551615");
   CHECK(m.at("refine_init") == "false");
@@ -702,4 +710,48 @@ TEST_CASE("search_precision: saved, legacy checkpoints load as fp32, bf16 traini
   CHECK(legacy.codebook() == bf.codebook());
   CHECK_THAT(error_of([&] { from_safetensors(f, bf); }),
              Catch::Contains("search_precision is fp32 in the checkpoint but bf16_rerank"));
+}
+
+// Issue 16's fields: saved with the state that drives them (last_init_step);
+// a checkpoint written before them loads with every one of them off.
+TEST_CASE("moving-encoder fields: saved, legacy checkpoints load with them off",
+          "[checkpoint][config]") {
+  TempDir dir;
+  const std::string path = dir / "vq.safetensors";
+  auto cfg = train_config(DeadCodePolicy::kmeans_reinit);
+  cfg.dead.reinit_below_usage = 0.3;
+  cfg.dead.replace_after = 4;
+  cfg.ema.warmup_steps = 20;
+  VectorQuantizer<float> vq(cfg);
+  RowMatrix<float> q;
+  for (int s = 1; s <= 12; ++s) vq.forward(test::gaussian<float>(64, cfg.dim, std::uint64_t(40 + s)), q);
+  REQUIRE(vq.last_init_step() > 0);  // the refining init ran after step 0
+  save_checkpoint(path, vq);
+  st::File f = st::load(path);
+  CHECK(f.metadata.at("dead.reinit_below_usage") == "0.3");
+  CHECK(f.metadata.at("ema.warmup_steps") == "20");
+  VectorQuantizer<float> back(cfg);
+  from_safetensors(f, back);
+  CHECK(back.last_init_step() == vq.last_init_step());
+  CHECK(back.codebook() == vq.codebook());
+  // Written before the fields existed: no keys, no last_init_step tensor.
+  for (const char* k : {"ema.warmup_decay", "ema.warmup_steps", "dead.reinit_below_usage",
+                        "dead.replace_after", "dead.replace_from_steps"})
+    f.metadata.erase(k);
+  f.tensors.erase("last_init_step");
+  const auto legacy_cfg = config_from_metadata(f.metadata);
+  CHECK(legacy_cfg.dead.reinit_below_usage == 0.0);
+  CHECK(legacy_cfg.dead.replace_after == 0);
+  CHECK(legacy_cfg.dead.replace_from_steps == 0);
+  CHECK(legacy_cfg.ema.warmup_steps == 0);
+  VectorQuantizer<float> legacy(legacy_cfg);
+  from_safetensors(f, legacy);
+  CHECK(legacy.last_init_step() == 0);
+  CHECK(legacy.codebook() == vq.codebook());
+  // Into a quantizer with the new defaults it is refused, naming the key.
+  CHECK_THAT(error_of([&] { from_safetensors(f, back); }), Catch::Contains("ema.warmup_steps is 0"));
+  // A last_init_step past the step count is refused.
+  f.tensors["last_init_step"] = st::from_scalar<std::int64_t>(vq.step() + 1);
+  VectorQuantizer<float> bad(legacy_cfg);
+  CHECK_THAT(error_of([&] { from_safetensors(f, bad); }), Catch::Contains("last_init_step is"));
 }

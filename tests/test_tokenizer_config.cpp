@@ -147,6 +147,25 @@ TEST_CASE("config JSON round trip, presets and the example files") {
   // the shipped examples are exactly the presets
   CHECK(TokenizerConfig::load(kExamples + "small.json") == TokenizerConfig::small());
   CHECK(TokenizerConfig::load(kExamples + "paper.json") == TokenizerConfig::paper());
+  // The seed's quantizer settings on the small model, with issue 16's fix.
+  for (const Index K : {512, 1024}) {
+    const auto c = TokenizerConfig::load(kExamples + "seed_vq_" + std::to_string(K) + ".json");
+    auto expect = TokenizerConfig::small();
+    expect.codebook_size = K;
+    expect.ema_decay = 0.99;
+    expect.dead_code_policy = "kmeans_reinit";
+    expect.memory_bank_size = 20 * K;
+    // K = 1024: 10 idle steps (measured, docs/tokenizer.md) rather than the
+    // automatic 20.
+    expect.replace_after = K == 512 ? -1 : 10;
+    expect.replace_from_steps = 1;
+    CHECK(c == expect);
+    const auto q = c.quantizer_config();
+    CHECK(q.dead.policy == DeadCodePolicy::kmeans_reinit);
+    CHECK(q.dead.replace_after == expect.replace_after);
+    CHECK(q.dead.replace_from_steps == 1);
+    CHECK(q.ema.decay == 0.99);
+  }
 }
 
 TEST_CASE("config JSON: unknown keys, wrong types and bad values are rejected by name") {

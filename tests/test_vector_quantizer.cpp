@@ -1,6 +1,10 @@
+#include <algorithm>
+#include <vector>
+
 #include <catch2/catch.hpp>
 #include <vqkit/io/vecs.hpp>
 #include <vqkit/layers/vector_quantizer.hpp>
+#include <vqkit/util/moving_clusters.hpp>
 
 #include "test_util.hpp"
 
@@ -23,7 +27,7 @@ bool same_state(const typename VectorQuantizer<T>::State& a, const typename Vect
          a.used_since_reset == b.used_since_reset && a.bank == b.bank &&
          a.bank_size == b.bank_size && a.bank_head == b.bank_head && a.rng == b.rng &&
          a.step == b.step && a.reinits == b.reinits && a.replaced == b.replaced &&
-         a.data_initialized == b.data_initialized;
+         a.data_initialized == b.data_initialized && a.last_init_step == b.last_init_step;
 }
 
 template <class T>
@@ -391,4 +395,255 @@ TEST_CASE("forward with a reused context: a rejected batch leaves the context as
   CHECK(ctx.residual == c2.residual);
   CHECK(q == q2);
   CHECK(vq.codebook() == twin.codebook());
+}
+
+// ---- issue 16: a moving encoder ---------------------------------------------------
+
+namespace {
+
+struct StreamRun {
+  Index min_after50 = 0;    ///< window usage, min over steps 51..
+  double mean_last50 = 0;   ///< window usage, mean over the last 50 steps
+};
+
+/// Trains on util/moving_clusters.hpp's stream (K = 256 codes, 256 tokens of
+/// 32 dims per step around 48 drifting clusters) for 200 steps.
+StreamRun run_moving_stream(VectorQuantizerConfig cfg) {
+  cfg.codebook_size = 256;
+  cfg.dim = 32;
+  cfg.memory_bank_size = 5120;  // 20 steps of tokens, as the seed's 20 K for K = 1024
+  MovingClustersOptions so;
+  so.dim = 32;
+  so.tokens = 256;
+  MovingClusters stream(so);
+  VectorQuantizer<float> vq(cfg, cpu{1});
+  RowMatrix<float> x, q;
+  VectorQuantizer<float>::Context ctx;
+  StreamRun r;
+  r.min_after50 = cfg.codebook_size;
+  for (int t = 1; t <= 200; ++t) {
+    stream.next(x);
+    vq.forward(x, q, ctx);
+    if (t > 50) r.min_after50 = std::min(r.min_after50, ctx.metrics.window_usage);
+    if (t > 150) r.mean_last50 += double(ctx.metrics.window_usage) / 50.0;
+  }
+  return r;
+}
+
+/// Plain EMA steps: no refining init, no dead-code handling.
+VectorQuantizerConfig plain_ema_config() {
+  auto c = small_config(16, 4);
+  c.refine_init = false;
+  c.dead.policy = DeadCodePolicy::none;
+  c.dead.replace_after = 0;
+  return c;
+}
+
+/// n rows around one point (spread `spread`, column `col` shifted by `shift`).
+RowMatrix<double> narrow_batch(Index n, Index D, std::uint64_t seed, double spread, Index col,
+                               double shift) {
+  RowMatrix<double> x = test::gaussian<double>(n, D, seed) * spread;
+  x.col(col).array() += shift;
+  return x;
+}
+
+}  // namespace
+
+// The seed's quantizer settings (EMA 0.99, kmeans_reinit every 100 steps
+// from step 200 once > 3% of the codes are 256 steps idle, a bank of 20
+// steps of tokens) on a stream whose tokens drift like a young encoder's:
+// with the seed's behaviour the codebook is down to one code by step 50 and
+// the clock never fires; with the defaults (idle codes re-seeded from the
+// newest tokens) it stays in use. Measured: seed 1 of 256; defaults min
+// 212 (83%), mean 230 (90%) (bench/collapse_stream --K 256 --tokens 256
+// --dim 32 --steps 200 --bank 5120).
+TEST_CASE("collapse regression: a moving encoder's stream, seed settings (issue 16)",
+          "[vq][regression]") {
+  VectorQuantizerConfig seed;
+  seed.ema.decay = 0.99;
+  seed.dead.policy = DeadCodePolicy::kmeans_reinit;
+  SECTION("the library's defaults keep the codebook in use") {
+    const auto r = run_moving_stream(seed);
+    INFO("window usage min after step 50 " << r.min_after50 << ", mean of the last 50 " << r.mean_last50);
+    CHECK(r.min_after50 >= 0.5 * 256);
+    CHECK(r.mean_last50 >= 0.75 * 256);
+  }
+  SECTION("the seed's behaviour (no idle re-seeding, whole-bank draws) collapses") {
+    auto off = seed;
+    off.dead.replace_after = 0;
+    off.dead.replace_from_steps = 0;
+    const auto r = run_moving_stream(off);
+    INFO("window usage min after step 50 " << r.min_after50 << ", mean of the last 50 " << r.mean_last50);
+    CHECK(r.min_after50 < 0.1 * 256);
+  }
+}
+
+TEST_CASE("replace_after re-seeds exactly the idle codes, from this step's rows", "[vq][invariant]") {
+  auto cfg = small_config(32, 8);
+  cfg.dead.replace_after = 3;
+  cfg.dead.replace_from_steps = 1;  // draw from the newest 100 rows: this step's batch
+  VectorQuantizer<double> vq(cfg);
+  RowMatrix<double> q;
+  vq.forward(test::gaussian<double>(100, 8, 70), q);  // k-means init
+  REQUIRE(vq.data_initialized());
+  Index replaced = 0;
+  for (int s = 0; s < 12; ++s) {
+    // A narrow, shifted batch: most codes go unused.
+    const RowMatrix<double> x = narrow_batch(100, 8, std::uint64_t(71 + s), 0.2, 1, 2.0);
+    const IndexVector since_before = vq.usage().steps_since_used();
+    const auto ctx = vq.forward(x, q);
+    REQUIRE_FALSE(ctx.reinitialized);
+    IndexVector hits = IndexVector::Zero(32);
+    for (Index i = 0; i < ctx.indices.size(); ++i) hits[ctx.indices[i]] = 1;
+    Index expected = 0;
+    for (Index k = 0; k < 32; ++k) {
+      const bool idle = hits[k] == 0 && since_before[k] + 1 >= 3;
+      expected += idle;
+      if (!idle) continue;
+      // Reset in this step: counters at zero, M = N e, the code one of x's rows.
+      CHECK(vq.usage().steps_since_used()[k] == 0);
+      CHECK(vq.usage().used_since_reset()[k] == 0);
+      CHECK(vq.ema_state().embed_sum.row(k) == vq.ema_state().cluster_size[k] * vq.codebook().row(k));
+      bool in_batch = false;
+      for (Index r = 0; r < x.rows() && !in_batch; ++r) in_batch = x.row(r) == vq.codebook().row(k);
+      CHECK(in_batch);
+    }
+    CHECK(ctx.replaced == expected);
+    replaced += ctx.replaced;
+  }
+  CHECK(replaced > 0);
+  CHECK(vq.replaced_count() == replaced);
+  // 0 turns it off: the same run replaces nothing.
+  cfg.dead.replace_after = 0;
+  VectorQuantizer<double> off(cfg);
+  off.forward(test::gaussian<double>(100, 8, 70), q);
+  for (int s = 0; s < 12; ++s)
+    CHECK(off.forward(narrow_batch(100, 8, std::uint64_t(71 + s), 0.2, 1, 2.0), q).replaced == 0);
+  // Automatic (-1): max(usage_window, ceil(10 K / rows per step)).
+  DeadCodeOptions o;
+  CHECK(o.replace_after == -1);
+  CHECK(o.replace_after_steps(512, 512, 10) == 10);
+  CHECK(o.replace_after_steps(1024, 512, 10) == 20);
+  CHECK(o.replace_after_steps(1024, 16384, 10) == 10);
+  o.replace_after = 7;
+  CHECK(o.replace_after_steps(1024, 1, 10) == 7);
+}
+
+TEST_CASE("the health trigger re-runs k-means once a full window shows low usage", "[vq]") {
+  auto cfg = small_config(32, 8);
+  cfg.refine_init = false;
+  cfg.usage_window = 5;
+  cfg.dead.replace_after = 0;  // only the trigger acts
+  cfg.dead.reinit_below_usage = 0.5;
+  VectorQuantizer<double> vq(cfg);
+  RowMatrix<double> q;
+  auto ctx = vq.forward(test::gaussian<double>(100, 8, 90), q);  // k-means init at step 1
+  REQUIRE(ctx.data_initialized);
+  CHECK(vq.last_init_step() == 0);
+  CHECK(ctx.metrics.steps_since_init == 1);
+  for (int t = 2; t <= 6; ++t) {
+    // Every row near one point: one or two codes in use.
+    ctx = vq.forward(narrow_batch(100, 8, std::uint64_t(90 + t), 1e-3, 0, 0.5), q);
+    // The window (5 steps) must hold the new codebook only before the check.
+    CHECK(ctx.reinitialized == (t == 6));
+  }
+  CHECK(vq.reinit_count() == 1);
+  CHECK(vq.last_init_step() == 6);
+  CHECK(kmeans_health_reinit_due(cfg.dead, 2, 5, 500.0, 5, 32));
+  CHECK_FALSE(kmeans_health_reinit_due(cfg.dead, 2, 5, 500.0, 4, 32));   // window not full yet
+  CHECK_FALSE(kmeans_health_reinit_due(cfg.dead, 16, 5, 500.0, 5, 32));  // 16 = 0.5 * 32
+  CHECK_FALSE(kmeans_health_reinit_due(cfg.dead, 2, 5, 3.0, 5, 32));  // 2 of at most 3
+  // Off (0): the same run never re-initialises before the clock.
+  cfg.dead.reinit_below_usage = 0;
+  VectorQuantizer<double> off(cfg);
+  off.forward(test::gaussian<double>(100, 8, 90), q);
+  for (int t = 2; t <= 8; ++t)
+    CHECK_FALSE(off.forward(narrow_batch(100, 8, std::uint64_t(90 + t), 1e-3, 0, 0.5), q).reinitialized);
+}
+
+TEST_CASE("EMA decay warm-up: memory grows linearly from warmup_decay to decay", "[vq][ema]") {
+  EmaOptions o;
+  o.decay = 0.99;
+  o.warmup_decay = 0.8;
+  o.warmup_steps = 100;
+  CHECK(o.decay_at(0) == Approx(0.8));
+  CHECK(1.0 / (1.0 - o.decay_at(50)) == Approx((5.0 + 100.0) / 2));
+  CHECK(o.decay_at(100) == 0.99);
+  CHECK(o.decay_at(1000) == 0.99);
+  for (int t = 1; t <= 100; ++t) CHECK(o.decay_at(t) > o.decay_at(t - 1));
+  o.warmup_steps = 0;
+  CHECK(o.decay_at(0) == 0.99);
+  // The layer uses g_t at its step t: N <- g_t N + (1 - g_t) n.
+  auto cfg = plain_ema_config();
+  cfg.ema.warmup_steps = 10;
+  VectorQuantizer<double> vq(cfg);
+  RowMatrix<double> q;
+  vq.forward(test::gaussian<double>(64, 4, 5), q);  // step 0: init, then g_0
+  for (int t = 1; t <= 3; ++t) {
+    const Vector<double> before = vq.ema_state().cluster_size;
+    const auto ctx = vq.forward(test::gaussian<double>(64, 4, std::uint64_t(5 + t)), q);
+    Vector<double> n = Vector<double>::Zero(16);
+    for (Index i = 0; i < ctx.indices.size(); ++i) n[ctx.indices[i]] += 1;
+    const double g = cfg.ema.decay_at(t);
+    CHECK(ctx.metrics.ema_decay == g);
+    CHECK((vq.ema_state().cluster_size - (g * before + (1 - g) * n)).norm() <= 1e-12);
+  }
+}
+
+TEST_CASE("lag_fraction: the codes' offset from their clusters, sampling noise removed", "[vq]") {
+  VectorQuantizer<double> vq(plain_ema_config());
+  RowMatrix<double> q;
+  vq.forward(test::gaussian<double>(400, 4, 8), q);  // k-means init
+  // Reference, written out row by row: per code with n >= 2 rows, n |m - e|^2
+  // minus the scatter about m over n - 1; over the whole squared error.
+  const auto reference = [&](const RowMatrix<double>& x, const RowMatrix<double>& codes) {
+    const auto nn = nearest_code<double>(cpu{}, codes, x);
+    double lag = 0, total = 0;
+    for (Index k = 0; k < 16; ++k) {
+      std::vector<Index> rows;
+      for (Index i = 0; i < x.rows(); ++i)
+        if (nn.indices[i] == k) rows.push_back(i);
+      Eigen::RowVectorXd m = Eigen::RowVectorXd::Zero(4);
+      for (Index i : rows) m += x.row(i);
+      double err = 0, scatter = 0;
+      if (!rows.empty()) m /= double(rows.size());
+      for (Index i : rows) {
+        err += (x.row(i) - codes.row(k)).squaredNorm();
+        scatter += (x.row(i) - m).squaredNorm();
+      }
+      total += err;
+      const double n = double(rows.size());
+      if (n >= 2) lag += n * (m - codes.row(k)).squaredNorm() - scatter / (n - 1);
+    }
+    return std::clamp(lag / total, 0.0, 1.0);
+  };
+  // Rows from the same distribution as the init: the codes sit on their
+  // clusters, little lag. The same rows moved by 5 sigma: nearly all lag.
+  const RowMatrix<double> x = test::gaussian<double>(400, 4, 9);
+  RowMatrix<double> codes = vq.codebook();
+  auto ctx = vq.forward(x, q);
+  CHECK(ctx.metrics.lag_fraction == Approx(reference(x, codes)).margin(1e-12));
+  CHECK(ctx.metrics.lag_fraction < 0.2);
+  RowMatrix<double> moved = test::gaussian<double>(400, 4, 10);
+  moved.array() += 5.0;
+  codes = vq.codebook();
+  ctx = vq.forward(moved, q);
+  CHECK(ctx.metrics.lag_fraction == Approx(reference(moved, codes)).margin(1e-12));
+  CHECK(ctx.metrics.lag_fraction > 0.8);
+  vq.eval();
+  CHECK(vq.forward(moved, q).metrics.lag_fraction == 0);  // training steps only
+}
+
+TEST_CASE("issue 16's config fields reject bad values, naming them", "[vq][errors]") {
+  const auto fails = [](auto edit, const char* text) {
+    auto c = small_config();
+    edit(c);
+    CHECK_THROWS_WITH(VectorQuantizer<float>(c), Catch::Contains(text));
+  };
+  fails([](auto& c) { c.dead.reinit_below_usage = 1.0; }, "reinit_below_usage must lie in [0, 1), got 1");
+  fails([](auto& c) { c.dead.reinit_below_usage = -0.1; }, "reinit_below_usage must lie in [0, 1)");
+  fails([](auto& c) { c.dead.replace_after = -2; }, "replace_after must be >= 0 (steps) or -1 (automatic), got -2");
+  fails([](auto& c) { c.dead.replace_from_steps = -1; }, "replace_from_steps must be >= 0, got -1");
+  fails([](auto& c) { c.ema.warmup_decay = 1.0; }, "warmup_decay must lie in (0, 1), got warmup_decay=1");
+  fails([](auto& c) { c.ema.warmup_steps = -5; }, "warmup_steps must be >= 0, got -5");
 }

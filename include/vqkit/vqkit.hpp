@@ -5,4 +5,5 @@
 #pragma once
 
 #include "vqkit/tokenizer.hpp"
+#include "vqkit/util/moving_clusters.hpp"
 #include "vqkit/util/progress.hpp"

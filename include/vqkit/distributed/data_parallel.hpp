@@ -218,7 +218,8 @@ std::uint64_t fingerprint(const VQ& vq) {
            c.dead.dead_after, c.dead.check_every, c.dead.min_steps, c.dead.max_dead_fraction,
            c.dead.replace_threshold, c.init, c.kmeans_iterations, c.kmeans_min_cluster_fraction,
            c.bank_rows(), c.init_rows(), c.refine_init, c.usage_window, c.non_finite, c.seed,
-           c.search_precision);
+           c.search_precision, c.ema.warmup_decay, c.ema.warmup_steps, c.dead.reinit_below_usage,
+           c.dead.replace_after, c.dead.replace_from_steps);
   f.matrix(vq.codebook());
   f.matrix(vq.ema_state().cluster_size);
   f.matrix(vq.ema_state().embed_sum);
@@ -228,7 +229,7 @@ std::uint64_t fingerprint(const VQ& vq) {
   f.matrix(bank.storage());
   f.values(bank.size(), bank.head(), bank.overflow_rows(), vq.rng().state(), vq.step(),
            vq.reinit_count(), vq.replaced_count(), vq.skipped_batches(), vq.data_initialized(),
-           vq.init_refined(), vq.is_training());
+           vq.init_refined(), vq.is_training(), vq.last_init_step());
   return f.value();
 }
 

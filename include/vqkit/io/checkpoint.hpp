@@ -31,19 +31,24 @@
 //                             []      I64  training steps, k-means re-inits, replaced codes,
 //                                          skipped non-finite batches
 //   "data_initialized", "init_refined", "training"   []  I64  flags, 0 or 1
+//   "last_init_step"          []      I64  step count at the last k-means (re)init
+//                                          (absent in older files: read as 0)
 //
 // "__metadata__" (all values are strings):
 //   "format": "vqkit.quantizer", "version": "1", "scalar": "float32" | "float64",
 //   and every field of VectorQuantizerConfig, nested ones with a dotted prefix:
-//   codebook_size, dim, metric, update, ema.decay, ema.eps,
-//   loss.codebook_weight, loss.commitment_weight, loss.reduction,
-//   dead.policy, dead.dead_after, dead.check_every, dead.min_steps,
-//   dead.max_dead_fraction, dead.replace_threshold, init, kmeans_iterations,
-//   kmeans_min_cluster_fraction, memory_bank_size, init_min_rows,
+//   codebook_size, dim, metric, update, ema.decay, ema.eps, ema.warmup_decay,
+//   ema.warmup_steps, loss.codebook_weight, loss.commitment_weight,
+//   loss.reduction, dead.policy, dead.dead_after, dead.check_every,
+//   dead.min_steps, dead.max_dead_fraction, dead.replace_threshold,
+//   dead.reinit_below_usage, dead.replace_after, dead.replace_from_steps, init,
+//   kmeans_iterations, kmeans_min_cluster_fraction, memory_bank_size, init_min_rows,
 //   refine_init, usage_window, non_finite, seed, search.metric,
 //   search.row_block, search.code_block, search_precision ("fp32" or
 //   "bf16_rerank"; a checkpoint written before this key existed loads as
-//   "fp32", see legacy_default()).
+//   "fp32", and one written before issue 16's ema.warmup_*,
+//   dead.reinit_below_usage, dead.replace_after and dead.replace_from_steps
+//   with those features off, see legacy_default()).
 //   Integers are decimal, booleans "true"/"false", enums their to_string()
 //   names ("l2", "ema", "kmeans_reinit", "reject", ...), doubles the shortest decimal
 //   that reads back to the same double (std::to_chars; at most max_digits10
@@ -111,12 +116,12 @@ constexpr std::size_t field_count() {
 // A checkpoint must hold the complete config and state: a new field fails
 // these until visit_config(), build() and restore() below (and the list at
 // the top of this file) cover it.
-static_assert(field_count<VectorQuantizerConfig>() == 18 && field_count<EmaOptions>() == 2 &&
-                  field_count<LossOptions>() == 3 && field_count<DeadCodeOptions>() == 6 &&
+static_assert(field_count<VectorQuantizerConfig>() == 18 && field_count<EmaOptions>() == 4 &&
+                  field_count<LossOptions>() == 3 && field_count<DeadCodeOptions>() == 9 &&
                   field_count<SearchOptions>() == 3,
               "VectorQuantizerConfig changed: update visit_config() in vqkit/io/checkpoint.hpp");
 template <class State>
-constexpr bool state_covered = field_count<State>() == 17;
+constexpr bool state_covered = field_count<State>() == 18;
 
 // ---- config <-> strings -------------------------------------------------------
 
@@ -130,6 +135,8 @@ void visit_config(Config& c, F&& f) {
   f("update", c.update);
   f("ema.decay", c.ema.decay);
   f("ema.eps", c.ema.eps);
+  f("ema.warmup_decay", c.ema.warmup_decay);
+  f("ema.warmup_steps", c.ema.warmup_steps);
   f("loss.codebook_weight", c.loss.codebook_weight);
   f("loss.commitment_weight", c.loss.commitment_weight);
   f("loss.reduction", c.loss.reduction);
@@ -139,6 +146,9 @@ void visit_config(Config& c, F&& f) {
   f("dead.min_steps", c.dead.min_steps);
   f("dead.max_dead_fraction", c.dead.max_dead_fraction);
   f("dead.replace_threshold", c.dead.replace_threshold);
+  f("dead.reinit_below_usage", c.dead.reinit_below_usage);
+  f("dead.replace_after", c.dead.replace_after);
+  f("dead.replace_from_steps", c.dead.replace_from_steps);
   f("init", c.init);
   f("kmeans_iterations", c.kmeans_iterations);
   f("kmeans_min_cluster_fraction", c.kmeans_min_cluster_fraction);
@@ -159,6 +169,11 @@ void visit_config(Config& c, F&& f) {
 /// the original keys, which a checkpoint must hold.
 inline const char* legacy_default(const std::string& key) {
   if (key == "search_precision") return "fp32";
+  // Issue 16's moving-encoder fields: off in a checkpoint written before them.
+  if (key == "ema.warmup_decay") return "0.8";
+  if (key == "ema.warmup_steps" || key == "dead.reinit_below_usage" ||
+      key == "dead.replace_after" || key == "dead.replace_from_steps")
+    return "0";
   return nullptr;
 }
 
@@ -387,6 +402,7 @@ safetensors::File build(const VectorQuantizer<T, B>& vq,
   t["data_initialized"] = safetensors::from_scalar<std::int64_t>(s.data_initialized ? 1 : 0);
   t["init_refined"] = safetensors::from_scalar<std::int64_t>(s.init_refined ? 1 : 0);
   t["training"] = safetensors::from_scalar<std::int64_t>(s.training ? 1 : 0);
+  t["last_init_step"] = safetensors::from_scalar<std::int64_t>(s.last_init_step);
 
   f.metadata = extra_metadata;
   for (auto& [key, value] : config_entries(vq.config())) f.metadata[key] = std::move(value);
@@ -468,6 +484,9 @@ void restore(const safetensors::File& f, VectorQuantizer<T, B>& vq, const std::s
   s.data_initialized = read_flag(f, "data_initialized", where);
   s.init_refined = read_flag(f, "init_refined", where);
   s.training = read_flag(f, "training", where);
+  // Added with issue 16's health trigger; a checkpoint written before it
+  // loads as if its last k-means init happened at step 0.
+  s.last_init_step = f.tensors.count("last_init_step") ? read_i64(f, "last_init_step", where) : 0;
 
   // Values that set_state() does not check but a resumed run relies on.
   require_finite_values(s.codes, where, "codebook");
@@ -496,6 +515,8 @@ void restore(const safetensors::File& f, VectorQuantizer<T, B>& vq, const std::s
   VQKIT_REQUIRE(s.step >= 0 && s.reinits >= 0 && s.replaced >= 0 && s.skipped >= 0,
                 where.c_str(), "negative counters: step ", s.step, ", reinits ", s.reinits,
                 ", replaced ", s.replaced, ", skipped ", s.skipped);
+  VQKIT_REQUIRE(s.last_init_step >= 0 && s.last_init_step <= s.step, where.c_str(),
+                "last_init_step is ", s.last_init_step, ", outside [0, step=", s.step, "]");
 
   try {
     vq.set_state(std::move(s));

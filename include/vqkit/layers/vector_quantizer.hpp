@@ -17,11 +17,15 @@
 //      fresh data the codes of larger clusters, being closer to the mean,
 //      take over (see docs/design.md, "hubness");
 //   3. search, gather quantized = e_a, residual r = x - q, loss terms;
-//   4. EMA mode: update N, M and the codes from the batch (the returned
-//      quantized and loss use the codes from before the update);
+//   4. EMA mode: measure the codes' lag behind the batch (lag_fraction),
+//      then update N, M and the codes from the batch with the step's decay
+//      (EmaOptions::decay_at; the returned quantized and loss use the codes
+//      from before the update);
 //   5. record usage; step += 1; compute metrics;
 //   6. apply the dead-code policy (after the EMA update, so a reset code
-//      is not overwritten by this step's update).
+//      is not overwritten by this step's update): kmeans_reinit's clock and
+//      health trigger, then the replacement of idle (replace_after) or, for
+//      replace, small codes from the newest bank rows (replace_from_steps).
 // In eval mode forward changes nothing at all.
 //
 // EMA state starts consistent (N_k = 1, M_k = e_k after the normalised init;
@@ -35,6 +39,7 @@
 // reducer (or with one of size 1) none of that runs.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -235,13 +240,17 @@ class VectorQuantizer {
     ctx.loss = vq_loss<T>(backend_, ctx.residual, cfg_.loss);
 
     Vector<T>& counts = stats_.counts;
+    double lag = 0;
     if (training_ && cfg_.update == CodebookUpdate::ema) {
       if constexpr (std::is_same_v<Backend, cpu>)
         cluster_stats<T>(backend_, x, ctx.indices, K, stats_, stats_ws_);
       else
         stats_ = cluster_stats<T>(backend_, x, ctx.indices, K);
       if (dp_) dp_->all_reduce(stats_);  // the whole batch's counts and sums
-      ema_update<T>(backend_, ema_, stats_, cfg_.ema, codes_);
+      lag = lag_fraction(ctx.indices, ctx.residual);
+      EmaOptions ema = cfg_.ema;
+      ema.decay = cfg_.ema.decay_at(step_);
+      ema_update<T>(backend_, ema_, stats_, ema, codes_);
     } else {
       if constexpr (std::is_same_v<Backend, cpu>)
         cluster_counts<T>(backend_, ctx.indices, K, counts);
@@ -249,7 +258,7 @@ class VectorQuantizer {
         counts = cluster_counts<T>(backend_, ctx.indices, K);
       if (training_) {  // gradient mode still tracks EMA cluster sizes (replace policy)
         if (dp_) dp_->all_reduce(counts);
-        const T g = T(cfg_.ema.decay);
+        const T g = T(cfg_.ema.decay_at(step_));
         ema_.cluster_size = g * ema_.cluster_size + (T(1) - g) * counts;
       }
     }
@@ -262,6 +271,9 @@ class VectorQuantizer {
     ctx.metrics.window_usage = usage_.used_within(cfg_.usage_window);
     ctx.metrics.dead = usage_.dead(cfg_.dead.dead_after);
     ctx.metrics.overflow_rows = dp_ ? dp_->overflow_rows() : bank_.overflow_rows();
+    ctx.metrics.lag_fraction = lag;
+    ctx.metrics.ema_decay = cfg_.ema.decay_at(training_ ? step_ - 1 : step_);
+    ctx.metrics.steps_since_init = step_ - last_init_step_;
 
     if (training_) apply_dead_code_policy(ctx, rows);
   }
@@ -304,6 +316,8 @@ class VectorQuantizer {
   std::int64_t reinit_count() const { return reinits_; }
   std::int64_t replaced_count() const { return replaced_; }
   std::int64_t skipped_batches() const { return skipped_; }
+  /// Step count at the last k-means (re)init or set_codebook (0 before any).
+  std::int64_t last_init_step() const { return last_init_step_; }
   bool data_initialized() const { return data_initialized_; }
   bool init_refined() const { return init_refined_; }
   const Backend& backend() const { return backend_; }
@@ -348,6 +362,7 @@ class VectorQuantizer {
     ema_reset<T>(ema_, codes_, Vector<T>::Ones(cfg_.codebook_size));
     usage_.reset_all();
     data_initialized_ = init_refined_ = true;
+    last_init_step_ = step_;
   }
 
   /// The complete mutable state, for checkpoints (see io/checkpoint.hpp).
@@ -361,6 +376,7 @@ class VectorQuantizer {
     Rng::State rng{};
     std::int64_t step = 0, reinits = 0, replaced = 0, skipped = 0;
     bool data_initialized = false, init_refined = false, training = true;
+    std::int64_t last_init_step = 0;  ///< step count at the last k-means (re)init
   };
 
   State state() const {
@@ -385,6 +401,7 @@ class VectorQuantizer {
     s.data_initialized = data_initialized_;
     s.init_refined = init_refined_;
     s.training = training_;
+    s.last_init_step = last_init_step_;
     return s;
   }
 
@@ -406,6 +423,8 @@ class VectorQuantizer {
                   s.bank.rows(), "x", s.bank.cols(), ", expected ", cfg_.bank_rows(), "x", D);
     VQKIT_REQUIRE(s.step >= 0 && s.reinits >= 0 && s.replaced >= 0 && s.skipped >= 0, where,
                   "negative step counters");
+    VQKIT_REQUIRE(s.last_init_step >= 0 && s.last_init_step <= s.step, where,
+                  "last_init_step must lie in [0, step=", s.step, "], got ", s.last_init_step);
     // No run reaches 2^62 steps; a larger counter (a hostile checkpoint)
     // would overflow on the next step.
     constexpr std::int64_t max_count = std::int64_t{1} << 62;
@@ -434,6 +453,7 @@ class VectorQuantizer {
     data_initialized_ = s.data_initialized;
     init_refined_ = s.init_refined;
     training_ = s.training;
+    last_init_step_ = s.last_init_step;
     if (dp_) dp_->reset(bank_);  // every rank must set the same state
   }
 
@@ -451,24 +471,73 @@ class VectorQuantizer {
     const T scale = T(double(rows_per_step) / double(bank_.size()));
     ema_reset<T>(ema_, codes_, km.counts * scale);
     usage_.reset_all();
+    last_init_step_ = step_;
+  }
+
+  /// The newest rows of the bank that replacements draw from (see
+  /// DeadCodeOptions::replace_from_steps); needs a complete bank (synced
+  /// under a reducer).
+  Index replacement_rows(Index rows_per_step) const {
+    const Index size = bank_.size();
+    if (cfg_.dead.replace_from_steps == 0) return size;
+    const double rows = double(rows_per_step) * double(cfg_.dead.replace_from_steps);
+    return rows >= double(size) ? size : std::max<Index>(1, Index(rows));
+  }
+
+  /// Share of this batch's squared quantization error that is the codes'
+  /// distance from their clusters' means, before the EMA update (see
+  /// CodebookMetrics::lag_fraction). Per code k with n_k >= 2 rows, batch
+  /// mean m_k and rows' squared error R_k = sum |x_i - e_k|^2:
+  /// n_k |m_k - e_k|^2 minus its sampling noise S_k / (n_k - 1), where
+  /// S_k = R_k - n_k |m_k - e_k|^2 is the cluster's scatter about m_k
+  /// (unbiased for i.i.d. rows); summed, clamped to >= 0, over sum_k R_k.
+  /// Under a reducer R_k is summed over the ranks (one more all-reduce of K
+  /// numbers), like the counts and sums.
+  double lag_fraction(const IndexVector& idx, const RowMatrix<T>& residual) {
+    lag_sq_.setZero(cfg_.codebook_size);
+    for (Index i = 0; i < residual.rows(); ++i) lag_sq_[idx[i]] += residual.row(i).squaredNorm();
+    if (dp_) dp_->all_reduce(lag_sq_);
+    double total = 0;
+    for (Index k = 0; k < cfg_.codebook_size; ++k) total += double(lag_sq_[k]);
+    if (!(total > 0)) return 0.0;
+    double lag = 0;
+    for (Index k = 0; k < cfg_.codebook_size; ++k) {
+      const double n = double(stats_.counts[k]);
+      if (n < 2) continue;
+      const double offset = n * double((stats_.sums.row(k) / T(n) - codes_.row(k)).squaredNorm());
+      lag += offset - std::max(0.0, double(lag_sq_[k]) - offset) / (n - 1);
+    }
+    return std::clamp(lag / total, 0.0, 1.0);
   }
 
   void apply_dead_code_policy(Context& ctx, Index rows_per_step) {
     const Index K = cfg_.codebook_size;
     if (cfg_.dead.policy == DeadCodePolicy::kmeans_reinit) {
-      if (data_initialized_ && bank_size() >= K &&
-          kmeans_reinit_due(cfg_.dead, step_, ctx.metrics.dead, K)) {
+      const bool due =
+          kmeans_reinit_due(cfg_.dead, step_, ctx.metrics.dead, K) ||
+          kmeans_health_reinit_due(cfg_.dead, ctx.metrics.window_usage, cfg_.usage_window,
+                                   double(rows_per_step) * double(cfg_.usage_window),
+                                   step_ - last_init_step_, K);
+      if (data_initialized_ && bank_size() >= K && due) {
         reinit_from_bank(rows_per_step);
         ++reinits_;
         ctx.reinitialized = true;
       }
-    } else if (cfg_.dead.policy == DeadCodePolicy::replace && data_initialized_) {
+    }
+    const bool by_size = cfg_.dead.policy == DeadCodePolicy::replace;
+    const std::int64_t idle_steps =
+        cfg_.dead.replace_after_steps(K, rows_per_step, cfg_.usage_window);
+    const bool by_idle = idle_steps > 0 && cfg_.dead.policy != DeadCodePolicy::none;
+    if ((by_size || by_idle) && data_initialized_ && !ctx.reinitialized) {
       const T mean = ema_.cluster_size.sum() / T(K);
-      const T threshold = T(cfg_.dead.replace_threshold) * mean;
+      // (a threshold of -1 turns the EMA-size rule off: sizes are >= 0)
+      const T threshold = by_size ? T(cfg_.dead.replace_threshold) * mean : T(-1);
       for (Index k = 0; k < K; ++k) {
-        if (ema_.cluster_size[k] >= threshold) continue;
+        const bool idle = by_idle && usage_.steps_since_used()[k] >= idle_steps;
+        if (ema_.cluster_size[k] >= threshold && !idle) continue;
         if (dp_ && ctx.replaced == 0) dp_->sync(bank_);  // collective: the decision is global
-        const auto row = bank_.random_row(rng_);
+        const Index n = replacement_rows(rows_per_step);
+        const auto row = n == bank_.size() ? bank_.random_row(rng_) : bank_.random_recent_row(rng_, n);
         ema_reset_code<T>(ema_, codes_, k, row, mean);
         usage_.reset(k);
         ++ctx.replaced;
@@ -489,6 +558,7 @@ class VectorQuantizer {
   MemoryBank<T> bank_;
   UsageTracker usage_;
   std::int64_t step_ = 0, reinits_ = 0, replaced_ = 0, skipped_ = 0;
+  std::int64_t last_init_step_ = 0;
   bool data_initialized_ = false, init_refined_ = false;
   bool training_ = true;
   std::optional<detail::DataParallel<T>> dp_;  ///< engaged under a reducer of size > 1
@@ -496,6 +566,7 @@ class VectorQuantizer {
   SearchWorkspace search_ws_;
   ClusterStats<T> stats_;  ///< this step's counts (and sums under EMA)
   ClusterStatsWorkspace stats_ws_;
+  Vector<T> lag_sq_;  ///< lag_fraction's per-code squared error
 };
 
 }  // namespace vqkit

@@ -10,18 +10,34 @@
 //  - kmeans_reinit (the paper's): at steps that are multiples of
 //    check_every, from min_steps on, if more than max_dead_fraction of the
 //    codes are dead, re-run k-means over the memory bank and re-initialise
-//    the whole codebook (and its EMA state, consistently).
+//    the whole codebook (and its EMA state, consistently). Besides this
+//    clock, a health trigger (reinit_below_usage > 0): once a full usage
+//    window has passed since the last k-means (re)init, re-initialise as soon
+//    as the window usage falls below reinit_below_usage x min(K, rows seen in
+//    the window). A code is dead only after dead_after idle steps, so under
+//    a moving encoder the clock alone acts long after the codebook has
+//    collapsed (issue 16, docs/monitoring.md).
 //  - replace (SoundStream / vector-quantize-pytorch): after each step, every
 //    code whose EMA cluster size N_k fell below replace_threshold times the
 //    mean cluster size (a fraction, so it does not depend on the batch size
 //    or K) is replaced by a random row of the memory bank; its e, N and M
 //    are reset together, with N_k = the mean cluster size.
+//  - both kmeans_reinit and replace, with replace_after > 0: every code
+//    unused for replace_after steps is re-seeded like a replaced code, from
+//    a random recent token (under kmeans_reinit in the steps without a
+//    k-means re-init). Under a moving encoder the codes the tokens have left
+//    behind go idle within a few steps; this puts them back where the tokens
+//    are now, in proportion to how often they occur there (issue 16,
+//    docs/monitoring.md).
 //  - none.
 // The quantizer layer applies a policy after the EMA update of the step, so
 // a reset code is never overwritten by that step's update.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <string>
 
 #include "vqkit/core/error.hpp"
 #include "vqkit/core/types.hpp"
@@ -54,6 +70,26 @@ struct DeadCodeOptions {
   std::int64_t min_steps = 200;      ///< kmeans_reinit: no check before this step
   double max_dead_fraction = 0.03;   ///< kmeans_reinit: re-init when more are dead
   double replace_threshold = 0.1;    ///< replace: fraction of the mean EMA cluster size
+  /// kmeans_reinit: health trigger, a fraction of the codes the window could
+  /// show (0: off, the seed's clock only)
+  double reinit_below_usage = 0.0;
+  /// kmeans_reinit and replace: also re-seed every code unused for this many
+  /// steps; 0: off (the seed's behaviour); -1 (the default): automatic, the
+  /// steps in which a code used at the uniform rate would be picked 10 times,
+  /// at least the usage window: max(usage_window, ceil(10 K / rows per step))
+  std::int64_t replace_after = -1;
+  /// Replacements (both rules) draw from the bank rows of the last this-many
+  /// steps (this step's rows x the count); 0: the whole bank (the seed's).
+  /// k-means (re)inits always use the whole bank: k-means over few rows per
+  /// code overfits them (docs/design.md, "hubness").
+  std::int64_t replace_from_steps = 1;
+
+  /// replace_after resolved for a step of `rows_per_step` rows (0: off).
+  std::int64_t replace_after_steps(Index K, Index rows_per_step, std::int64_t usage_window) const {
+    if (replace_after >= 0) return replace_after;
+    const double steps = std::ceil(10.0 * double(K) / double(std::max<Index>(rows_per_step, 1)));
+    return std::max<std::int64_t>(usage_window, std::int64_t(std::min(steps, 1e15)));
+  }
 
   void validate(const char* where) const {
     VQKIT_REQUIRE(dead_after >= 1, where, "dead_after must be >= 1, got ", dead_after);
@@ -63,6 +99,12 @@ struct DeadCodeOptions {
                   "max_dead_fraction must lie in [0, 1), got ", max_dead_fraction);
     VQKIT_REQUIRE(replace_threshold >= 0.0, where, "replace_threshold must be >= 0, got ",
                   replace_threshold);
+    VQKIT_REQUIRE(reinit_below_usage >= 0.0 && reinit_below_usage < 1.0, where,
+                  "reinit_below_usage must lie in [0, 1), got ", reinit_below_usage);
+    VQKIT_REQUIRE(replace_from_steps >= 0, where, "replace_from_steps must be >= 0, got ",
+                  replace_from_steps);
+    VQKIT_REQUIRE(replace_after >= -1, where,
+                  "replace_after must be >= 0 (steps) or -1 (automatic), got ", replace_after);
   }
 };
 
@@ -115,6 +157,17 @@ inline bool kmeans_reinit_due(const DeadCodeOptions& o, std::int64_t step, Index
   if (o.policy != DeadCodePolicy::kmeans_reinit) return false;
   if (step < o.min_steps || step % o.check_every != 0) return false;
   return double(dead) > o.max_dead_fraction * double(K);
+}
+
+/// The health trigger of kmeans_reinit: `window_usage` codes were picked in
+/// the last `window` steps, which held `window_rows` rows in all, and
+/// `since_init` steps have passed since the last k-means (re)init.
+inline bool kmeans_health_reinit_due(const DeadCodeOptions& o, Index window_usage,
+                                     std::int64_t window, double window_rows,
+                                     std::int64_t since_init, Index K) {
+  if (o.policy != DeadCodePolicy::kmeans_reinit || o.reinit_below_usage <= 0.0) return false;
+  if (since_init < window) return false;  // the window still mixes in the old codebook
+  return double(window_usage) < o.reinit_below_usage * std::min(double(K), window_rows);
 }
 
 }  // namespace vqkit

@@ -14,6 +14,9 @@
 // both set e, N and M together.
 #pragma once
 
+#include <cmath>
+#include <cstdint>
+
 #include "vqkit/core/backend.hpp"
 #include "vqkit/core/check.hpp"
 #include "vqkit/core/types.hpp"
@@ -22,12 +25,29 @@
 namespace vqkit {
 
 struct EmaOptions {
-  double decay = 0.99;  ///< g, in (0, 1)
+  double decay = 0.99;  ///< g, in (0, 1): the decay once the warm-up is over
   double eps = 1e-5;    ///< Laplace smoothing, > 0
+  /// Decay warm-up (0 steps: off, the constant decay of the seed). Over the
+  /// first warmup_steps training steps the EMA's memory 1 / (1 - g_t) grows
+  /// linearly from that of warmup_decay to that of decay, so the codes keep
+  /// up with an encoder that moves fast early in training (issue 16,
+  /// docs/monitoring.md).
+  double warmup_decay = 0.8;
+  std::int64_t warmup_steps = 0;
+
+  /// g_t at 0-based training step t.
+  double decay_at(std::int64_t t) const {
+    if (t >= warmup_steps || warmup_decay >= decay) return decay;
+    const double m0 = 1.0 / (1.0 - warmup_decay), m1 = 1.0 / (1.0 - decay);
+    return 1.0 - 1.0 / (m0 + (m1 - m0) * double(t) / double(warmup_steps));
+  }
 
   void validate(const char* where) const {
     VQKIT_REQUIRE(decay > 0.0 && decay < 1.0, where, "decay must lie in (0, 1), got decay=", decay);
     VQKIT_REQUIRE(eps > 0.0 && std::isfinite(eps), where, "eps must be > 0, got eps=", eps);
+    VQKIT_REQUIRE(warmup_decay > 0.0 && warmup_decay < 1.0, where,
+                  "warmup_decay must lie in (0, 1), got warmup_decay=", warmup_decay);
+    VQKIT_REQUIRE(warmup_steps >= 0, where, "warmup_steps must be >= 0, got ", warmup_steps);
   }
 };
 

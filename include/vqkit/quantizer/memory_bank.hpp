@@ -2,7 +2,8 @@
 //
 // Holds up to `capacity` rows of dimension D, the most recent ones; the
 // data-driven (re)initialisation runs k-means over it, and the per-code
-// replacement policy draws from it.
+// replacement policy draws from it (from the newest rows only with
+// DeadCodeOptions::replace_from_steps).
 //
 // A batch larger than the whole bank cannot fit. It is not cut silently:
 // push() then stores a uniformly random subset of `capacity` rows of that
@@ -73,6 +74,14 @@ class MemoryBank {
   auto random_row(Rng& rng) const {
     VQKIT_REQUIRE(size_ > 0, "MemoryBank::random_row", "the bank is empty");
     return data_.row(Index(rng.below(std::uint64_t(size_))));
+  }
+
+  /// A uniformly random row among the n most recently pushed (1 <= n <= size()).
+  auto random_recent_row(Rng& rng, Index n) const {
+    VQKIT_REQUIRE(n >= 1 && n <= size_, "MemoryBank::random_recent_row", "n is ", n,
+                  ", expected 1..", size_);
+    const Index back = Index(rng.below(std::uint64_t(n)));  // 0 = the newest row
+    return data_.row((head_ - 1 - back + 2 * capacity()) % capacity());
   }
 
   /// Raw access for checkpoints.

@@ -49,6 +49,17 @@ struct CodebookMetrics {
   std::int64_t window = 0;          ///< that window, in steps
   Index dead = 0;                   ///< codes unused for >= dead_after steps
   std::int64_t overflow_rows = 0;   ///< rows the memory bank could not hold (total)
+  // Moving-encoder diagnostics (training steps; docs/monitoring.md):
+  /// EMA mode: share of the batch's squared quantization error that is the
+  /// codes' distance from their batch clusters' means, sum_k n_k |mean_k -
+  /// e_k|^2 / sum_i |x_i - e_a(i)|^2, before the update, with the sampling
+  /// noise of each mean taken out (codes with >= 2 rows). Near 0 when the
+  /// codes sit on their clusters (a settled encoder); towards 1 when the
+  /// tokens moved away from the codes faster than the EMA follows. 0 in
+  /// gradient mode and in eval.
+  double lag_fraction = 0;
+  double ema_decay = 0;             ///< the EMA decay this step used (see EmaOptions::warmup_steps)
+  std::int64_t steps_since_init = 0;  ///< steps since the last k-means (re)init or set_codebook
   Health health = Health::healthy;
 };
 

@@ -25,6 +25,18 @@
 //   replace_threshold      0.1           0.5 (*)      replace: fraction of the mean EMA size
 //   memory_bank_size       20480         512 (*)      rows of the memory bank (paper: 20 K;
 //                                                       small: one step's tokens)
+//   ema_warmup_decay       0.8           0.8          EMA decay at step 0 of the warm-up (ours)
+//   ema_warmup_steps       0             0            EMA decay warm-up, steps (0: off)
+//   reinit_below_usage     0             0            kmeans_reinit health trigger (0: off)
+//   replace_after          -1 (ours)     0            re-seed codes idle this many steps
+//                                                       (-1: max(10, 10 K / tokens per step);
+//                                                       0: off, the seed's behaviour)
+//   replace_from_steps     1 (ours)      0            replacements draw from the tokens of
+//                                                       the last this-many steps (0: whole bank)
+//   (issue 16, docs/monitoring.md: with the seed's quantizer settings the
+//   paper preset's codebook collapses under a moving encoder unless idle
+//   codes are re-seeded from current tokens; examples/configs/seed_vq_512.json
+//   runs the small model with them)
 //   usage_window           10            10           steps of the window-usage metric
 //   vq_search_precision    fp32          fp32         "fp32" or "bf16_rerank" (same results;
 //                                                       bf16 dot products + exact re-rank)
@@ -112,6 +124,11 @@ struct TokenizerConfig {
   Index dead_code_after = 256;
   double replace_threshold = 0.5;
   Index memory_bank_size = 512;
+  double ema_warmup_decay = 0.8;
+  Index ema_warmup_steps = 0;
+  double reinit_below_usage = 0.0;
+  Index replace_after = 0;
+  Index replace_from_steps = 0;
   Index usage_window = 10;
   std::string vq_search_precision = "fp32";
   Index feature_grid_xy = 128;
@@ -152,6 +169,8 @@ struct TokenizerConfig {
     c.ema_decay = 0.99;
     c.dead_code_policy = "kmeans_reinit";
     c.replace_threshold = 0.1;
+    c.replace_after = -1;  // issue 16: idle codes re-seeded from the last step's tokens
+    c.replace_from_steps = 1;
     c.lr = 1e-3;
     c.augment_yaw_deg = 0.0;
     c.augment_flip = 0.0;
@@ -199,6 +218,11 @@ struct TokenizerConfig {
     q.dead.min_steps = std::min<std::int64_t>(q.dead.min_steps, dead_code_after);
     q.dead.replace_threshold = replace_threshold;
     q.memory_bank_size = memory_bank_size;
+    q.ema.warmup_decay = ema_warmup_decay;
+    q.ema.warmup_steps = ema_warmup_steps;
+    q.dead.reinit_below_usage = reinit_below_usage;
+    q.dead.replace_after = replace_after;
+    q.dead.replace_from_steps = replace_from_steps;
     q.init_min_rows = std::min(memory_bank_size, 2 * codebook_size);
     q.usage_window = usage_window;
     q.search_precision = vq_search_precision == "bf16_rerank" ? Precision::bf16_rerank : Precision::fp32;
@@ -219,9 +243,13 @@ struct TokenizerConfig {
     const auto positive = [&](const char* name, Index v) {
       VQKIT_REQUIRE(v >= 1, w, name, "=", v, " must be >= 1");
     };
-    for (const auto& f : fields())
-      if (f.kind == Kind::integer && f.name != std::string("warmup_steps"))
-        positive(f.name, this->*(f.integer));
+    for (const auto& f : fields()) {
+      const std::string name = f.name;
+      // These may be 0 (checked below): 0 turns the feature off.
+      const bool may_be_zero = name == "warmup_steps" || name == "replace_from_steps" ||
+                               name == "ema_warmup_steps" || name == "replace_after";
+      if (f.kind == Kind::integer && !may_be_zero) positive(f.name, this->*(f.integer));
+    }
     VQKIT_REQUIRE(warmup_steps >= 0, w, "warmup_steps=", warmup_steps, " must be >= 0");
     VQKIT_REQUIRE(voxels_x <= (Index(1) << 20) && voxels_y <= (Index(1) << 20) &&
                       voxels_z <= (Index(1) << 16),
@@ -281,6 +309,16 @@ struct TokenizerConfig {
                   w, "dead_code_policy=\"", dead_code_policy,
                   "\" must be \"kmeans_reinit\", \"replace\" or \"none\"");
     nonneg("replace_threshold", replace_threshold);
+    VQKIT_REQUIRE(replace_from_steps >= 0, w, "replace_from_steps=", replace_from_steps,
+                  " must be >= 0");
+    VQKIT_REQUIRE(std::isfinite(ema_warmup_decay) && ema_warmup_decay > 0 && ema_warmup_decay < 1,
+                  w, "ema_warmup_decay=", ema_warmup_decay, " must lie in (0, 1)");
+    VQKIT_REQUIRE(ema_warmup_steps >= 0, w, "ema_warmup_steps=", ema_warmup_steps, " must be >= 0");
+    VQKIT_REQUIRE(replace_after >= -1, w, "replace_after=", replace_after,
+                  " must be >= 0 (steps) or -1 (automatic)");
+    VQKIT_REQUIRE(std::isfinite(reinit_below_usage) && reinit_below_usage >= 0 &&
+                      reinit_below_usage < 1,
+                  w, "reinit_below_usage=", reinit_below_usage, " must lie in [0, 1)");
     VQKIT_REQUIRE(vq_search_precision == "fp32" || vq_search_precision == "bf16_rerank", w,
                   "vq_search_precision=\"", vq_search_precision,
                   "\" must be \"fp32\" or \"bf16_rerank\"");
@@ -323,7 +361,11 @@ struct TokenizerConfig {
         R("commitment_weight", &C::commitment_weight), R("ema_decay", &C::ema_decay),
         S("dead_code_policy", &C::dead_code_policy), I("dead_code_after", &C::dead_code_after),
         R("replace_threshold", &C::replace_threshold),
-        I("memory_bank_size", &C::memory_bank_size), I("usage_window", &C::usage_window),
+        I("memory_bank_size", &C::memory_bank_size),
+        R("ema_warmup_decay", &C::ema_warmup_decay), I("ema_warmup_steps", &C::ema_warmup_steps),
+        R("reinit_below_usage", &C::reinit_below_usage), I("replace_after", &C::replace_after),
+        I("replace_from_steps", &C::replace_from_steps),
+        I("usage_window", &C::usage_window),
         S("vq_search_precision", &C::vq_search_precision),
         I("feature_grid_xy", &C::feature_grid_xy),
         I("feature_grid_z", &C::feature_grid_z), I("feature_channels", &C::feature_channels),

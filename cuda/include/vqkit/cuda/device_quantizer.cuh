@@ -171,14 +171,16 @@ class DeviceVectorQuantizer {
     if (training_ && cfg_.update == CodebookUpdate::ema) {
       const std::size_t sb = cluster_stats_workspace_bytes(N, K, true);
       cluster_stats(be_, x, idx, N, K, D, counts_.data(), sums_.data(), detail::ensure(stats_ws_, sb), sb);
-      ema_update(be_, cluster_size_.data(), embed_sum_.data(), counts_.data(), sums_.data(), K, D, cfg_.ema,
+      EmaOptions ema = cfg_.ema;
+      ema.decay = cfg_.ema.decay_at(step_);
+      ema_update(be_, cluster_size_.data(), embed_sum_.data(), counts_.data(), sums_.data(), K, D, ema,
                  codes_.data(), detail::ensure(ema_ws_, ema_update_workspace_bytes()),
                  ema_update_workspace_bytes());
     } else {
       const std::size_t sb = cluster_stats_workspace_bytes(N, K, false);
       cluster_counts(be_, idx, N, K, counts_.data(), detail::ensure(stats_ws_, sb), sb);
       if (training_)  // gradient mode still tracks EMA cluster sizes (replace policy)
-        ema_sizes(be_, cluster_size_.data(), counts_.data(), K, cfg_.ema.decay);
+        ema_sizes(be_, cluster_size_.data(), counts_.data(), K, cfg_.ema.decay_at(step_));
     }
     if (training_) {
       usage_record(be_, counts_.data(), K, since_.data(), used_.data());
@@ -193,6 +195,8 @@ class DeviceVectorQuantizer {
     ctx.metrics.window_usage = dead_window.second;
     ctx.metrics.dead = dead_window.first;
     ctx.metrics.overflow_rows = bank_.overflow_rows();
+    ctx.metrics.ema_decay = cfg_.ema.decay_at(training_ ? step_ - 1 : step_);
+    ctx.metrics.steps_since_init = step_ - last_init_step_;  // (lag_fraction: host layer only)
     if (training_) apply_dead_code_policy(ctx, N);
   }
 
@@ -237,6 +241,7 @@ class DeviceVectorQuantizer {
   std::int64_t replaced_count() const { return replaced_; }
   std::int64_t skipped_batches() const { return skipped_; }
   bool data_initialized() const { return data_initialized_; }
+  std::int64_t last_init_step() const { return last_init_step_; }
   const Rng& rng() const { return rng_; }
 
   /// The complete state, in the host layer's checkpoint format (copies all).
@@ -264,6 +269,7 @@ class DeviceVectorQuantizer {
     s.data_initialized = data_initialized_;
     s.init_refined = init_refined_;
     s.training = training_;
+    s.last_init_step = last_init_step_;
     return s;
   }
 
@@ -289,6 +295,7 @@ class DeviceVectorQuantizer {
     data_initialized_ = v.data_initialized;
     init_refined_ = v.init_refined;
     training_ = v.training;
+    last_init_step_ = v.last_init_step;
   }
 
  private:
@@ -348,29 +355,56 @@ class DeviceVectorQuantizer {
     EmaState<float> ema;
     ema_reset<float>(ema, km.centroids, km.counts * scale);
     upload_host_state(km.centroids, ema);
+    last_init_step_ = step_;
     reset_usage_all();
     be_.sync();  // the host matrices are temporaries
   }
 
+  /// The host layer's replacement_rows: the newest bank rows replacements draw from.
+  std::int64_t replacement_rows(Index rows_per_step) const {
+    const std::int64_t size = bank_.size();
+    if (cfg_.dead.replace_from_steps == 0) return size;
+    const double rows = double(rows_per_step) * double(cfg_.dead.replace_from_steps);
+    return rows >= double(size) ? size : std::max<std::int64_t>(1, std::int64_t(rows));
+  }
+
   void apply_dead_code_policy(DeviceContext& ctx, Index rows_per_step) {
     const Index K = cfg_.codebook_size, D = cfg_.dim;
+    // The host layer's apply_dead_code_policy, decision for decision.
     if (cfg_.dead.policy == DeadCodePolicy::kmeans_reinit) {
-      if (data_initialized_ && bank_.size() >= K && kmeans_reinit_due(cfg_.dead, step_, ctx.metrics.dead, K)) {
+      const bool due = kmeans_reinit_due(cfg_.dead, step_, ctx.metrics.dead, K) ||
+                       kmeans_health_reinit_due(cfg_.dead, ctx.metrics.window_usage, cfg_.usage_window,
+                                                double(rows_per_step) * double(cfg_.usage_window),
+                                                step_ - last_init_step_, K);
+      if (data_initialized_ && bank_.size() >= K && due) {
         reinit_from_bank(rows_per_step);
         ++reinits_;
         ctx.reinitialized = true;
       }
-    } else if (cfg_.dead.policy == DeadCodePolicy::replace && data_initialized_) {
+    }
+    const bool by_size = cfg_.dead.policy == DeadCodePolicy::replace;
+    const std::int64_t idle_steps = cfg_.dead.replace_after_steps(K, rows_per_step, cfg_.usage_window);
+    const bool by_idle = idle_steps > 0 && cfg_.dead.policy != DeadCodePolicy::none;
+    if ((by_size || by_idle) && data_initialized_ && !ctx.reinitialized) {
       Vector<float> cs(K);
       download(cs.data(), cluster_size_.data(), std::size_t(K), be_.stream);
+      IndexVector since;
+      if (by_idle) {
+        since.resize(K);
+        download(since.data(), since_.data(), std::size_t(K), be_.stream);
+      }
       be_.sync();
       const float mean = cs.sum() / float(K);
-      const float threshold = float(cfg_.dead.replace_threshold) * mean;
+      const float threshold = by_size ? float(cfg_.dead.replace_threshold) * mean : -1.0f;
+      const std::int64_t from = replacement_rows(rows_per_step);
       std::vector<int> ks, rows;
       for (Index k = 0; k < K; ++k) {
-        if (cs[k] >= threshold) continue;
+        const bool idle = by_idle && since[k] >= idle_steps;
+        if (cs[k] >= threshold && !idle) continue;
         ks.push_back(int(k));
-        rows.push_back(int(bank_.random_row_index(rng_)));  // the host layer's draw, in its order
+        // the host layer's draw, in its order
+        rows.push_back(int(from == bank_.size() ? bank_.random_row_index(rng_)
+                                                : bank_.random_recent_row_index(rng_, from)));
       }
       const Index n = Index(ks.size());
       if (n > 0) {
@@ -403,6 +437,7 @@ class DeviceVectorQuantizer {
   DeviceBuffer<unsigned char> search_ws_, stats_ws_, loss_ws_, ema_ws_;
   Vector<float> host_counts_;
   std::int64_t step_ = 0, reinits_ = 0, replaced_ = 0, skipped_ = 0;
+  std::int64_t last_init_step_ = 0;
   bool data_initialized_ = false, init_refined_ = false, training_ = true;
 };
 

@@ -323,6 +323,15 @@ class DeviceMemoryBank {
     return std::int64_t(rng.below(std::uint64_t(size_)));
   }
 
+  /// Index of a uniformly random row among the n newest (the host class's
+  /// random_recent_row draw).
+  std::int64_t random_recent_row_index(Rng& rng, std::int64_t n) const {
+    VQKIT_REQUIRE(n >= 1 && n <= size_, "DeviceMemoryBank::random_recent_row", "n is ", n,
+                  ", expected 1..", size_);
+    const std::int64_t back = std::int64_t(rng.below(std::uint64_t(n)));
+    return (head_ - 1 - back + 2 * cap_) % cap_;
+  }
+
  private:
   std::int64_t cap_, dim_, size_ = 0, head_ = 0, overflow_ = 0;
   DeviceBuffer<float> data_;
