@@ -109,8 +109,8 @@ int main(int argc, char** argv) {
       ppl_last100 += ctx.metrics.perplexity / last;
     }
     if (t % 20 == 0 || ctx.data_initialized || ctx.reinitialized)
-      std::printf("step %4d  window usage %5ld  perplexity %8.1f  dead %5ld  lag %.2f  decay %.3f%s%s\n", t,
-                  long(wu), ctx.metrics.perplexity, long(ctx.metrics.dead), ctx.metrics.lag_fraction,
+      std::printf("step %4d  window usage %5ld  perplexity %8.1f  dead %5ld  lag %.2f  stale %.2f  decay %.3f%s%s\n", t,
+                  long(wu), ctx.metrics.perplexity, long(ctx.metrics.dead), ctx.metrics.lag_fraction, ctx.metrics.bank_staleness,
                   ctx.metrics.ema_decay, ctx.data_initialized ? "  [k-means init]" : "",
                   ctx.reinitialized ? "  [kmeans_reinit]" : "");
   }

@@ -215,9 +215,9 @@ Dataset load_data(const std::string& dir) {
 const std::vector<std::string> kColumns = {
     "step",      "seconds",    "lr",           "total", "depth_l1", "surface", "occupancy", "vq",
     "grad_norm", "perplexity", "usage", "window_usage", "dead",     "reinit",  "replaced",
-    "lag_fraction", "ema_decay"};
+    "lag_fraction", "bank_staleness", "ema_decay"};
 enum Col { kStep, kSeconds, kLr, kTotal, kDepth, kSurface, kOcc, kVq, kGrad, kPpl, kUsage, kWindow,
-           kDead, kReinit, kReplaced, kLag, kDecay };
+           kDead, kReinit, kReplaced, kLag, kStale, kDecay };
 
 /// Rows of an earlier CSV of these columns (step first) with step <= last_step
 /// (for --resume).
@@ -497,6 +497,7 @@ int run(const Options& o) {
                             static_cast<double>(tk.net.vq.reinit_count()),
                             static_cast<double>(tk.net.vq.replaced_count()),
                             m.lag_fraction,
+                            m.bank_staleness,
                             m.ema_decay};
     csv.row(row);
     history.push_back(row);

@@ -647,3 +647,32 @@ TEST_CASE("issue 16's config fields reject bad values, naming them", "[vq][error
   fails([](auto& c) { c.ema.warmup_decay = 1.0; }, "warmup_decay must lie in (0, 1), got warmup_decay=1");
   fails([](auto& c) { c.ema.warmup_steps = -5; }, "warmup_steps must be >= 0, got -5");
 }
+
+TEST_CASE("bank_staleness: the bank's oldest rows against the batch, in units of its spread", "[vq]") {
+  auto cfg = plain_ema_config();
+  cfg.memory_bank_size = 64;  // four steps of 16 rows
+  cfg.init_min_rows = 32;
+  VectorQuantizer<double> vq(cfg);
+  RowMatrix<double> q;
+  std::vector<RowMatrix<double>> seen;
+  for (int t = 0; t < 8; ++t) {
+    RowMatrix<double> x = test::gaussian<double>(16, 4, std::uint64_t(200 + t));
+    x.col(2).array() += 0.5 * t;  // a drifting stream
+    // Reference: before this step's push the oldest 16 rows are the batch of
+    // step max(0, t - 4) (the bank holds 4 steps).
+    double expect = 0;
+    if (t > 0) {
+      const RowMatrix<double>& old = seen[std::size_t(std::max(0, t - 4))];
+      const Eigen::RowVectorXd mo = old.colwise().mean(), mx = x.colwise().mean();
+      const double spread = std::sqrt((x.rowwise() - mx).squaredNorm() / 16.0);
+      expect = (mo - mx).norm() / spread;
+    }
+    const auto ctx = vq.forward(x, q);
+    CHECK(ctx.metrics.bank_staleness == Approx(expect).margin(1e-12));
+    seen.push_back(x);
+  }
+  // Grows with the drift: a batch 6 units past the bank's oldest rows.
+  CHECK(vq.forward(narrow_batch(16, 4, 300, 1.0, 2, 8.0), q).metrics.bank_staleness > 1.0);
+  vq.eval();
+  CHECK(vq.forward(narrow_batch(16, 4, 301, 1.0, 2, 4.0), q).metrics.bank_staleness == 0);
+}

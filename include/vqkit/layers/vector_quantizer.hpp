@@ -40,6 +40,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -211,7 +212,9 @@ class VectorQuantizer {
     }
     const Index N = x.rows(), K = cfg_.codebook_size;
     Index rows = N;  // rows of the whole batch (over every rank)
+    double staleness = 0;
     if (training_) {
+      if (!dp_) staleness = bank_staleness(x);  // (under a reducer the bank is incomplete here)
       if (dp_)
         rows = dp_->push(x, rng_);
       else
@@ -272,6 +275,7 @@ class VectorQuantizer {
     ctx.metrics.dead = usage_.dead(cfg_.dead.dead_after);
     ctx.metrics.overflow_rows = dp_ ? dp_->overflow_rows() : bank_.overflow_rows();
     ctx.metrics.lag_fraction = lag;
+    ctx.metrics.bank_staleness = staleness;
     ctx.metrics.ema_decay = cfg_.ema.decay_at(training_ ? step_ - 1 : step_);
     ctx.metrics.steps_since_init = step_ - last_init_step_;
 
@@ -484,6 +488,30 @@ class VectorQuantizer {
     return rows >= double(size) ? size : std::max<Index>(1, Index(rows));
   }
 
+  /// How far the bank's oldest rows are from this batch (before the push):
+  /// |mean of the oldest min(N, size) rows - mean of x| over the RMS
+  /// distance of x's rows from their mean; 0 for an empty bank or a batch
+  /// without spread. See CodebookMetrics::bank_staleness.
+  double bank_staleness(ConstMatrixRef<T> x) {
+    const Index size = bank_.size(), N = x.rows(), D = cfg_.dim;
+    if (size == 0 || N == 0) return 0.0;
+    const Index n = std::min(N, size), cap = bank_.capacity();
+    const Index start = bank_.full() ? bank_.head() : 0;  // the oldest row
+    stale_old_.setZero(D);
+    stale_now_.setZero(D);
+    for (Index i = 0; i < n; ++i)
+      stale_old_ += bank_.storage().row((start + i) % cap).template cast<double>().transpose();
+    double sq = 0;  // one pass over x: sum and sum of squares, in double
+    for (Index i = 0; i < N; ++i) {
+      stale_now_ += x.row(i).template cast<double>().transpose();
+      sq += x.row(i).template cast<double>().squaredNorm();
+    }
+    stale_old_ /= double(n);
+    stale_now_ /= double(N);
+    const double var = sq / double(N) - stale_now_.squaredNorm();
+    return var > 1e-12 * sq / double(N) ? (stale_old_ - stale_now_).norm() / std::sqrt(var) : 0.0;
+  }
+
   /// Share of this batch's squared quantization error that is the codes'
   /// distance from their clusters' means, before the EMA update (see
   /// CodebookMetrics::lag_fraction). Per code k with n_k >= 2 rows, batch
@@ -567,6 +595,7 @@ class VectorQuantizer {
   ClusterStats<T> stats_;  ///< this step's counts (and sums under EMA)
   ClusterStatsWorkspace stats_ws_;
   Vector<T> lag_sq_;  ///< lag_fraction's per-code squared error
+  Eigen::VectorXd stale_old_, stale_now_;  ///< bank_staleness's means
 };
 
 }  // namespace vqkit

@@ -58,6 +58,12 @@ struct CodebookMetrics {
   /// tokens moved away from the codes faster than the EMA follows. 0 in
   /// gradient mode and in eval.
   double lag_fraction = 0;
+  /// Training steps without a reducer: how far the memory bank's oldest rows
+  /// (the ones a k-means re-init over the bank would fit besides the new)
+  /// are from this batch: |mean(oldest min(N, bank) rows) - mean(batch)|
+  /// over the batch rows' RMS distance from their mean. ~0 for a stationary
+  /// stream; > 1: the bank's old end lies outside the batch's cloud.
+  double bank_staleness = 0;
   double ema_decay = 0;             ///< the EMA decay this step used (see EmaOptions::warmup_steps)
   std::int64_t steps_since_init = 0;  ///< steps since the last k-means (re)init or set_codebook
   Health health = Health::healthy;
