@@ -33,10 +33,11 @@
 //                                                       0: off, the seed's behaviour)
 //   replace_from_steps     1 (ours)      0            replacements draw from the tokens of
 //                                                       the last this-many steps (0: whole bank)
-//   (issue 16, docs/monitoring.md: with the seed's quantizer settings the
-//   paper preset's codebook collapses under a moving encoder unless idle
-//   codes are re-seeded from current tokens; examples/configs/seed_vq_512.json
-//   runs the small model with them)
+//   (issue 16, docs/tokenizer.md: with the seed's quantizer settings the
+//   small model's codebook collapses under its fast-moving encoder unless
+//   idle codes are re-seeded from current tokens; the paper preset re-seeds
+//   them too (not trained at scale here); examples/configs/seed_vq_512.json
+//   and seed_vq_1024.json are the small model with the seed's settings)
 //   usage_window           10            10           steps of the window-usage metric
 //   vq_search_precision    fp32          fp32         "fp32" or "bf16_rerank" (same results;
 //                                                       bf16 dot products + exact re-rank)
