@@ -379,9 +379,11 @@ TEST_CASE("config metadata round-trips every field exactly", "[checkpoint][confi
   c.search.row_block = 3;
   c.search.code_block = 5;
   c.search_precision = Precision::bf16_rerank;
+  c.gradient_estimator = GradientEstimator::rotation;
   const auto m = config_to_metadata(c);
-  CHECK(m.size() == 33);
+  CHECK(m.size() == 34);
   CHECK(m.at("search_precision") == "bf16_rerank");
+  CHECK(m.at("gradient_estimator") == "rotation");
   CHECK(m.at("dead.replace_after") == "17");
   CHECK(m.at("ema.warmup_decay") == "0.5");
   CHECK(m.at("ema.decay") == "0.30000000000000004");

@@ -20,6 +20,8 @@ using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMaj
 template <class T>
 using Vector = Eigen::Matrix<T, Eigen::Dynamic, 1>;
 using IndexVector = Eigen::Matrix<std::int64_t, Eigen::Dynamic, 1>;
+/// Indices of multi-code quantizers: one row per sample, one column per level or head.
+using IndexMatrix = Eigen::Matrix<std::int64_t, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
 template <class T>
 using ConstMatrixRef = Eigen::Ref<const RowMatrix<T>>;

@@ -219,7 +219,7 @@ std::uint64_t fingerprint(const VQ& vq) {
            c.dead.replace_threshold, c.init, c.kmeans_iterations, c.kmeans_min_cluster_fraction,
            c.bank_rows(), c.init_rows(), c.refine_init, c.usage_window, c.non_finite, c.seed,
            c.search_precision, c.ema.warmup_decay, c.ema.warmup_steps, c.dead.reinit_below_usage,
-           c.dead.replace_after, c.dead.replace_from_steps);
+           c.dead.replace_after, c.dead.replace_from_steps, c.gradient_estimator);
   f.matrix(vq.codebook());
   f.matrix(vq.ema_state().cluster_size);
   f.matrix(vq.ema_state().embed_sum);

@@ -48,7 +48,8 @@
 //   "bf16_rerank"; a checkpoint written before this key existed loads as
 //   "fp32", and one written before issue 16's ema.warmup_*,
 //   dead.reinit_below_usage, dead.replace_after and dead.replace_from_steps
-//   with those features off, see legacy_default()).
+//   with those features off, see legacy_default()), gradient_estimator
+//   ("straight_through" or "rotation"; absent in older files: straight_through).
 //   Integers are decimal, booleans "true"/"false", enums their to_string()
 //   names ("l2", "ema", "kmeans_reinit", "reject", ...), doubles the shortest decimal
 //   that reads back to the same double (std::to_chars; at most max_digits10
@@ -116,7 +117,7 @@ constexpr std::size_t field_count() {
 // A checkpoint must hold the complete config and state: a new field fails
 // these until visit_config(), build() and restore() below (and the list at
 // the top of this file) cover it.
-static_assert(field_count<VectorQuantizerConfig>() == 18 && field_count<EmaOptions>() == 4 &&
+static_assert(field_count<VectorQuantizerConfig>() == 19 && field_count<EmaOptions>() == 4 &&
                   field_count<LossOptions>() == 3 && field_count<DeadCodeOptions>() == 9 &&
                   field_count<SearchOptions>() == 3,
               "VectorQuantizerConfig changed: update visit_config() in vqkit/io/checkpoint.hpp");
@@ -162,6 +163,7 @@ void visit_config(Config& c, F&& f) {
   f("search.row_block", c.search.row_block);
   f("search.code_block", c.search.code_block);
   f("search_precision", c.search_precision);
+  f("gradient_estimator", c.gradient_estimator);
 }
 
 /// Config keys added after version 1's first release, with the value a
@@ -169,6 +171,7 @@ void visit_config(Config& c, F&& f) {
 /// the original keys, which a checkpoint must hold.
 inline const char* legacy_default(const std::string& key) {
   if (key == "search_precision") return "fp32";
+  if (key == "gradient_estimator") return "straight_through";
   // Issue 16's moving-encoder fields: off in a checkpoint written before them.
   if (key == "ema.warmup_decay") return "0.8";
   if (key == "ema.warmup_steps" || key == "dead.reinit_below_usage" ||
@@ -204,6 +207,8 @@ constexpr auto enum_values() {
     return std::array<E, 2>{NonFinitePolicy::reject, NonFinitePolicy::skip};
   } else if constexpr (std::is_same_v<E, Precision>) {
     return std::array<E, 2>{Precision::fp32, Precision::bf16_rerank};
+  } else if constexpr (std::is_same_v<E, GradientEstimator>) {
+    return std::array<E, 2>{GradientEstimator::straight_through, GradientEstimator::rotation};
   } else {
     static_assert(sizeof(E) == 0, "checkpoint: unknown config enum");
   }

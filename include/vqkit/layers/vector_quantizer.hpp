@@ -46,10 +46,12 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "vqkit/core/backend.hpp"
 #include "vqkit/core/check.hpp"
 #include "vqkit/core/random.hpp"
+#include "vqkit/core/row_mask.hpp"
 #include "vqkit/core/types.hpp"
 #include "vqkit/distributed/data_parallel.hpp"
 #include "vqkit/distributed/reducer.hpp"
@@ -99,6 +101,9 @@ struct VectorQuantizerConfig {
   /// indices and distances as fp32, bit for bit, faster at large D where the
   /// CPU has AVX512-BF16 (elsewhere fp32 runs). Saved in checkpoints.
   Precision search_precision = Precision::fp32;
+  /// How dq reaches dx in backward: straight-through or the rotation trick
+  /// (quantizer/loss.hpp). Saved in checkpoints.
+  GradientEstimator gradient_estimator = GradientEstimator::straight_through;
 
   Index bank_rows() const { return memory_bank_size > 0 ? memory_bank_size : 20 * codebook_size; }
   /// Two rows per code at least: a k-means on one row per code fits each
@@ -151,6 +156,14 @@ class VectorQuantizer {
     bool reinitialized = false;     ///< the kmeans_reinit policy fired in this step
     Index replaced = 0;             ///< codes replaced by the replace policy in this step
     bool skipped = false;           ///< non-finite batch skipped (NonFinitePolicy::skip)
+    /// Masked forward only: the real rows' numbers (ascending); `indices`
+    /// then has one entry per batch row (-1 for padding) and `residual` one
+    /// row per real row, in this order. Empty after an unmasked forward.
+    IndexVector kept;
+    bool masked = false;
+    /// The forward's output rows (one per real row), kept for the rotation
+    /// trick's backward; empty under straight-through.
+    RowMatrix<T> rotation_q;
   };
 
   explicit VectorQuantizer(const VectorQuantizerConfig& cfg, Backend backend = {})
@@ -200,7 +213,8 @@ class VectorQuantizer {
     ctx.loss = VqLoss{};
     ctx.metrics = CodebookMetrics{};
     ctx.training = training_;
-    ctx.data_initialized = ctx.reinitialized = ctx.skipped = false;
+    ctx.data_initialized = ctx.reinitialized = ctx.skipped = ctx.masked = false;
+    ctx.kept.resize(0);
     ctx.replaced = 0;
     if (cfg_.non_finite == NonFinitePolicy::skip && !(all_finite && detail::all_finite(x))) {
       if (training_) ++skipped_;  // eval mode changes nothing, not even this count
@@ -240,6 +254,10 @@ class VectorQuantizer {
     for (Index i = 0; i < N; ++i) quantized.row(i) = codes_.row(ctx.indices[i]);
     ctx.residual.resize(N, cfg_.dim);
     ctx.residual.noalias() = x - quantized;
+    if (cfg_.gradient_estimator == GradientEstimator::rotation)
+      ctx.rotation_q = quantized;
+    else
+      ctx.rotation_q.resize(0, cfg_.dim);
     ctx.loss = vq_loss<T>(backend_, ctx.residual, cfg_.loss);
 
     Vector<T>& counts = stats_.counts;
@@ -282,6 +300,86 @@ class VectorQuantizer {
     if (training_) apply_dead_code_policy(ctx, rows);
   }
 
+  /// The same with a row mask (core/row_mask.hpp): only the real rows are
+  /// quantized, counted, banked and in the loss, as if the batch held them
+  /// alone; a padded row gets index -1 and a zero output row (and a zero
+  /// gradient in backward). A batch without a real row changes nothing. Not
+  /// under a reducer (the step is a collective there). Gathers the real rows
+  /// into the layer's buffers, so it is not allocation-free.
+  void forward(ConstMatrixRef<T> x, const RowMask& mask, RowMatrix<T>& quantized, Context& ctx) {
+    constexpr const char* where = "VectorQuantizer::forward";
+    detail::require_batch(x, cfg_.dim, where, "x");
+    detail::require_mask(mask, x.rows(), where);
+    VQKIT_REQUIRE(!dp_, where, "row masks are not supported under a reducer");
+    mask_.select(mask);
+    if (mask_.size() == x.rows()) return forward(x, quantized, ctx);
+    if (mask_.size() == 0) {
+      ctx = Context{};
+      ctx.training = training_;
+      ctx.indices.setConstant(x.rows(), -1);
+      ctx.residual.resize(0, cfg_.dim);
+      quantized.setZero(x.rows(), cfg_.dim);
+    } else {
+      mask_.gather(x, mask_.rows);
+      forward(mask_.rows, mask_.scratch, ctx);
+      if (ctx.skipped) {  // (NonFinitePolicy::skip) the batch's outputs are empty
+        quantized.resize(0, cfg_.dim);
+        return;
+      }
+      mask_.scatter(mask_.scratch, x.rows(), quantized);
+      IndexVector compact = std::move(ctx.indices);
+      mask_.scatter(compact, x.rows(), ctx.indices);
+    }
+    ctx.kept = mask_.kept;
+    ctx.masked = true;
+  }
+  Context forward(ConstMatrixRef<T> x, const RowMask& mask, RowMatrix<T>& quantized) {
+    Context ctx;
+    forward(x, mask, quantized, ctx);
+    return ctx;
+  }
+
+  /// The nearest code of every row, as an eval-mode forward picks it; changes
+  /// nothing (no state, no metrics). Throws on a bad or non-finite batch.
+  void encode(ConstMatrixRef<T> x, IndexVector& indices) const {
+    constexpr const char* where = "VectorQuantizer::encode";
+    detail::require_batch(x, cfg_.dim, where, "x");
+    detail::require_finite(x, where, "x");
+    SearchOptions search = cfg_.search;
+    search.metric = cfg_.metric;
+    SearchMode mode;
+    mode.precision = cfg_.search_precision;
+    indices.resize(x.rows());
+    nearest_code<T>(backend_, codes_, x, indices, nullptr, search, nullptr, mode);
+  }
+  IndexVector encode(ConstMatrixRef<T> x) const {
+    IndexVector idx;
+    encode(x, idx);
+    return idx;
+  }
+
+  /// The codes of `indices`: out.row(i) = codebook().row(indices[i]); -1 (a
+  /// padded row of a masked forward) gives a zero row. Any other index
+  /// outside [0, K) throws, naming it, and leaves out unchanged.
+  void decode(const IndexVector& indices, RowMatrix<T>& out) const {
+    for (Index i = 0; i < indices.size(); ++i)
+      VQKIT_REQUIRE(indices[i] >= -1 && indices[i] < cfg_.codebook_size,
+                    "VectorQuantizer::decode", "index ", indices[i], " at position ", i,
+                    " is outside [0, ", cfg_.codebook_size, ")");
+    out.resize(indices.size(), cfg_.dim);
+    for (Index i = 0; i < indices.size(); ++i) {
+      if (indices[i] < 0)
+        out.row(i).setZero();
+      else
+        out.row(i) = codes_.row(indices[i]);
+    }
+  }
+  RowMatrix<T> decode(const IndexVector& indices) const {
+    RowMatrix<T> out;
+    decode(indices, out);
+    return out;
+  }
+
   /// dq: N x D gradient w.r.t. the quantized output (0 rows: none).
   /// Overwrites *dx with dq + the commitment gradient; in gradient-update
   /// mode also accumulates the codebook term's gradient into codebook_grad().
@@ -293,6 +391,28 @@ class VectorQuantizer {
       if (dx) dx->setZero(dq.rows(), cfg_.dim);
       return;
     }
+    if (ctx.masked) {  // the real rows' gradient, scattered; padded rows get zero
+      const Index N = ctx.indices.size(), n = ctx.kept.size();
+      VQKIT_REQUIRE(ctx.residual.rows() == n && ctx.residual.cols() == cfg_.dim, where,
+                    "the context does not come from this layer's forward");
+      VQKIT_REQUIRE(dq.rows() == 0 || (dq.rows() == N && dq.cols() == cfg_.dim), where, "dq is ",
+                    dq.rows(), "x", dq.cols(), ", expected ", N, "x", cfg_.dim);
+      if (n == 0) {
+        if (dx) dx->setZero(N, cfg_.dim);
+        return;
+      }
+      masked_idx_.resize(n);
+      for (Index i = 0; i < n; ++i) masked_idx_[i] = ctx.indices[ctx.kept[i]];
+      if (cfg_.update == CodebookUpdate::gradient)
+        vq_codebook_grad<T>(backend_, ctx.residual, masked_idx_, cfg_.loss, grad_);
+      if (!dx) return;
+      masked_dq_.resize(dq.rows() ? n : 0, cfg_.dim);  // (0 rows: no upstream gradient)
+      for (Index i = 0; i < masked_dq_.rows(); ++i) masked_dq_.row(i) = dq.row(ctx.kept[i]);
+      vq_input_grad<T>(backend_, ctx.residual, estimated(ctx, masked_dq_), cfg_.loss, masked_dx_);
+      dx->setZero(N, cfg_.dim);
+      for (Index i = 0; i < n; ++i) dx->row(ctx.kept[i]) = masked_dx_.row(i);
+      return;
+    }
     VQKIT_REQUIRE(ctx.residual.rows() == ctx.indices.size() && ctx.residual.cols() == cfg_.dim,
                   where, "the context does not come from this layer's forward");
     VQKIT_REQUIRE(dq.rows() == 0 || (dq.rows() == ctx.residual.rows() && dq.cols() == cfg_.dim),
@@ -300,7 +420,7 @@ class VectorQuantizer {
                   "x", cfg_.dim);
     if (cfg_.update == CodebookUpdate::gradient)
       vq_codebook_grad<T>(backend_, ctx.residual, ctx.indices, cfg_.loss, grad_);
-    if (dx) vq_input_grad<T>(backend_, ctx.residual, dq, cfg_.loss, *dx);
+    if (dx) vq_input_grad<T>(backend_, ctx.residual, estimated(ctx, dq), cfg_.loss, *dx);
   }
 
   /// Trainable parameters: the codebook in gradient-update mode, none under EMA.
@@ -538,6 +658,15 @@ class VectorQuantizer {
     return std::clamp(lag / total, 0.0, 1.0);
   }
 
+  /// dq as the gradient estimator passes it on (rows of ctx.residual).
+  ConstMatrixRef<T> estimated(const Context& ctx, ConstMatrixRef<T> dq) {
+    if (cfg_.gradient_estimator == GradientEstimator::straight_through || dq.rows() == 0) return dq;
+    VQKIT_REQUIRE(ctx.rotation_q.rows() == ctx.residual.rows(), "VectorQuantizer::backward",
+                  "the context was made without the rotation trick's codes");
+    rotation_trick_grad<T>(ctx.residual, ctx.rotation_q, dq, rotated_dq_);
+    return rotated_dq_;
+  }
+
   void apply_dead_code_policy(Context& ctx, Index rows_per_step) {
     const Index K = cfg_.codebook_size;
     if (cfg_.dead.policy == DeadCodePolicy::kmeans_reinit) {
@@ -596,6 +725,33 @@ class VectorQuantizer {
   ClusterStatsWorkspace stats_ws_;
   Vector<T> lag_sq_;  ///< lag_fraction's per-code squared error
   Eigen::VectorXd stale_old_, stale_now_;  ///< bank_staleness's means
+  detail::RowCompactor<T> mask_;            ///< a masked forward's real rows
+  IndexVector masked_idx_;                  ///< a masked backward's real rows' indices
+  RowMatrix<T> masked_dq_, masked_dx_;      ///< and their gradients
+  RowMatrix<T> rotated_dq_;                 ///< the rotation trick's dq
 };
 
+namespace detail {
+
+/// Restores quantizers[i] from states[i] for every i, all or nothing: when
+/// one set_state throws, the ones already restored get their old state back
+/// and the error propagates (composite quantizers: ResidualVQ, GroupedVQ).
+template <class Q, class State>
+void set_states_all_or_nothing(std::vector<Q>& quantizers, std::vector<State> states,
+                               const char* where) {
+  VQKIT_REQUIRE(states.size() == quantizers.size(), where, "state has ", states.size(),
+                " quantizers, expected ", quantizers.size());
+  std::vector<State> old;
+  old.reserve(quantizers.size());
+  for (const auto& q : quantizers) old.push_back(q.state());
+  std::size_t i = 0;
+  try {
+    for (; i < quantizers.size(); ++i) quantizers[i].set_state(std::move(states[i]));
+  } catch (...) {
+    for (std::size_t m = 0; m < i; ++m) quantizers[m].set_state(std::move(old[m]));
+    throw;
+  }
+}
+
+}  // namespace detail
 }  // namespace vqkit

@@ -19,6 +19,8 @@
 // all; it is still reported, for monitoring.
 #pragma once
 
+#include <cmath>
+
 #include "vqkit/core/backend.hpp"
 #include "vqkit/core/check.hpp"
 #include "vqkit/core/types.hpp"
@@ -74,6 +76,57 @@ void vq_input_grad(const cpu&, ConstMatrixRef<T> residual, ConstMatrixRef<T> dq,
     dx = c * residual;
   else
     dx = dq + c * residual;
+}
+
+/// How the gradient of the quantized output reaches x (the encoder output):
+///   straight_through  dx = dq (VQ-VAE's estimator);
+///   rotation          the rotation trick (Fifty et al. 2024): the forward
+///     output q is written q = sg(lambda R) x, with lambda = |q| / |x| and R
+///     the rotation in the plane of x and q that takes x^ = x/|x| to
+///     q^ = q/|q|, R = I - 2 r r^T + 2 q^ x^T, r = (x^ + q^) / |x^ + q^|;
+///     so dx = lambda R^T dq = lambda (dq - 2 r (r.dq) + 2 x^ (q^.dq)). It
+///     keeps the angle between dq and x that dq has to q. Rows where x or q
+///     is zero, or q points exactly against x (no unique rotation), fall
+///     back to straight-through.
+enum class GradientEstimator { straight_through, rotation };
+
+inline const char* to_string(GradientEstimator g) {
+  return g == GradientEstimator::straight_through ? "straight_through" : "rotation";
+}
+
+/// out = the rotation trick's gradient for every row (x = residual + q).
+template <class T>
+void rotation_trick_grad(ConstMatrixRef<T> residual, ConstMatrixRef<T> q, ConstMatrixRef<T> dq,
+                         RowMatrix<T>& out) {
+  const Index N = dq.rows(), D = dq.cols();
+  out.resize(N, D);
+  for (Index i = 0; i < N; ++i) {
+    double xx = 0, qq = 0;
+    for (Index j = 0; j < D; ++j) {
+      const double x = double(residual(i, j)) + double(q(i, j));
+      xx += x * x;
+      qq += double(q(i, j)) * double(q(i, j));
+    }
+    const double nx = std::sqrt(xx), nq = std::sqrt(qq);
+    double ss = 0, rg = 0, qg = 0;
+    for (Index j = 0; j < D; ++j) {
+      const double xh = nx > 0 ? (double(residual(i, j)) + double(q(i, j))) / nx : 0.0;
+      const double qh = nq > 0 ? double(q(i, j)) / nq : 0.0;
+      ss += (xh + qh) * (xh + qh);
+      rg += (xh + qh) * double(dq(i, j));
+      qg += qh * double(dq(i, j));
+    }
+    if (!(nx > 0) || !(nq > 0) || !(ss > 1e-24)) {  // no unique rotation: straight-through
+      out.row(i) = dq.row(i);
+      continue;
+    }
+    const double lambda = nq / nx;
+    for (Index j = 0; j < D; ++j) {
+      const double xh = (double(residual(i, j)) + double(q(i, j))) / nx, qh = double(q(i, j)) / nq;
+      // r (r.g) = (x^ + q^)((x^ + q^).g) / |x^ + q^|^2
+      out(i, j) = T(lambda * (double(dq(i, j)) - 2.0 * (xh + qh) * rg / ss + 2.0 * xh * qg));
+    }
+  }
 }
 
 /// Accumulates the codebook term's gradient into dcodes (K x D).

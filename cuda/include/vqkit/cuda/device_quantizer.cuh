@@ -98,6 +98,9 @@ class DeviceVectorQuantizer {
   explicit DeviceVectorQuantizer(const VectorQuantizerConfig& cfg, cuda be = {})
       : cfg_((cfg.validate(), cfg)), be_(std::move(be)), rng_(cfg.seed),
         bank_(cfg.bank_rows(), cfg.dim) {
+    VQKIT_REQUIRE(cfg_.gradient_estimator == GradientEstimator::straight_through,
+                  "gpu::DeviceVectorQuantizer", "gradient_estimator must be straight_through (the "
+                  "rotation trick runs on the host layers only), got ", to_string(cfg_.gradient_estimator));
     be_.activate();
     if (cfg_.search_precision == Precision::bf16_rerank) be_.precision = Precision::bf16_rerank;
     const Index K = cfg_.codebook_size, D = cfg_.dim;
