@@ -25,6 +25,7 @@
 #include <exception>
 #include <fstream>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -35,6 +36,7 @@
 #include <vqkit/vqkit.hpp>
 
 #include "cli.hpp"
+#include "quantizer_family.hpp"
 
 namespace {
 
@@ -78,6 +80,17 @@ struct Options {
   std::int64_t log_every = 10;
   std::string csv = "vq_train.csv";
   bool help = false;
+  // the quantizer family (quantizer_family.hpp)
+  std::string quantizer = "vq";   // vq | rvq | grouped | fsq | lfq
+  bool autoencoder = false;
+  Index latent_dim = 16;          // the autoencoder's code dimension (vq, rvq, grouped)
+  Index rvq_levels = 4;
+  Index groups = 4;
+  bool shared = false;
+  std::vector<int> fsq_levels = {8, 5, 5, 5};
+  Index lfq_bits = 10;
+  double lfq_entropy_weight = 0.1;
+  double ae_lr = 1e-3;
 };
 
 void print_usage() {
@@ -124,6 +137,20 @@ void print_usage() {
       "                            (default 0)\n"
       "  --threads T               threads of the cpu backend, 0 = OpenMP's default\n"
       "                            (default 0)\n"
+      "quantizer family (every kind but the default 'vq' runs the loop of\n"
+      "examples/quantizer_family.hpp; the options above set each VQ level / head):\n"
+      "  --quantizer Q             vq | rvq | grouped | fsq | lfq (default vq)\n"
+      "  --autoencoder             train Linear(D -> d) -> quantizer -> Linear(d -> D) with\n"
+      "                            AdamW on the reconstruction error (needed by fsq, lfq)\n"
+      "  --latent-dim d            the autoencoder's code dimension for vq, rvq, grouped\n"
+      "                            (default 16; fsq and lfq: the number of levels / bits)\n"
+      "  --levels Q                rvq: levels (default 4)\n"
+      "  --groups G                grouped: heads, G must divide the dimension (default 4)\n"
+      "  --shared                  grouped: one codebook for every head\n"
+      "  --fsq-levels L1,L2,...    fsq: levels per dimension (default 8,5,5,5)\n"
+      "  --lfq-bits B              lfq: bits per code (default 10)\n"
+      "  --lfq-entropy-weight W    lfq: entropy loss weight (default 0.1)\n"
+      "  --ae-lr LR                the autoencoder's AdamW learning rate (default 1e-3)\n"
       "output:\n"
       "  --log-every N             print a line every N steps, plus step 1, the last step\n"
       "                            and every k-means (re)initialisation (default 10)\n"
@@ -207,6 +234,38 @@ Options parse_args(int argc, char** argv) {
       o.log_every = parse_int<std::int64_t>(flag, next(), 1, "an integer >= 1");
     } else if (flag == "--csv") {
       o.csv = next();
+    } else if (flag == "--quantizer") {
+      const std::string_view v = next();
+      if (v != "vq" && v != "rvq" && v != "grouped" && v != "fsq" && v != "lfq")
+        bad_value(flag, v, "vq, rvq, grouped, fsq or lfq");
+      o.quantizer = std::string(v);
+    } else if (flag == "--autoencoder") {
+      o.autoencoder = true;
+    } else if (flag == "--shared") {
+      o.shared = true;
+    } else if (flag == "--latent-dim") {
+      o.latent_dim = parse_int<Index>(flag, next(), 1, "an integer >= 1");
+    } else if (flag == "--levels") {
+      o.rvq_levels = parse_int<Index>(flag, next(), 1, "an integer >= 1");
+    } else if (flag == "--groups") {
+      o.groups = parse_int<Index>(flag, next(), 1, "an integer >= 1");
+    } else if (flag == "--lfq-bits") {
+      o.lfq_bits = parse_int<Index>(flag, next(), 1, "an integer in [1, 20]");
+    } else if (flag == "--lfq-entropy-weight") {
+      o.lfq_entropy_weight = parse_double(flag, next(), [](double v) { return v >= 0; },
+                                          "a finite number >= 0");
+    } else if (flag == "--ae-lr") {
+      o.ae_lr = parse_double(flag, next(), [](double v) { return v > 0; }, "a finite number > 0");
+    } else if (flag == "--fsq-levels") {
+      const std::string_view v = next();
+      o.fsq_levels.clear();
+      std::size_t start = 0;
+      while (start <= v.size()) {
+        const std::size_t comma = std::min(v.find(',', start), v.size());
+        o.fsq_levels.push_back(parse_int<int>(flag, v.substr(start, comma - start), 2,
+                                              "comma-separated integers >= 2"));
+        start = comma + 1;
+      }
     } else {
       args.unknown();
     }
@@ -306,6 +365,58 @@ std::string fraction(Index n, Index K) { return std::to_string(n) + "/" + std::t
 
 int digits(Index v) { return static_cast<int>(std::to_string(v).size()); }
 
+/// Every kind of quantizer, or the autoencoder (quantizer_family.hpp).
+int run_family(const Options& o, const Data& data, vqkit::VectorQuantizerConfig cfg,
+               std::uint64_t batch_seed) {
+  namespace fam = vqkit::family;
+  const Index D = data.x.cols(), d = o.autoencoder ? o.latent_dim : D;
+  const vqkit::cpu backend{o.threads};
+  std::unique_ptr<fam::Quantizer> q;
+  cfg.dim = d;
+  if (o.quantizer == "vq") {
+    q = std::make_unique<fam::Adapter<vqkit::VectorQuantizer<float>>>(cfg, backend);
+  } else if (o.quantizer == "rvq") {
+    vqkit::ResidualVQConfig rc;
+    rc.levels = o.rvq_levels;
+    rc.level = cfg;
+    q = std::make_unique<fam::Adapter<vqkit::ResidualVQ<float>>>(rc, backend);
+  } else if (o.quantizer == "grouped") {
+    if (d % o.groups != 0)
+      throw UsageError("--groups: bad value '" + std::to_string(o.groups) + "': it must divide the code dimension " +
+                       std::to_string(d));
+    vqkit::GroupedVQConfig gc;
+    gc.groups = o.groups;
+    gc.shared = o.shared;
+    gc.head = cfg;
+    gc.head.dim = d / o.groups;
+    q = std::make_unique<fam::Adapter<vqkit::GroupedVQ<float>>>(gc, backend);
+  } else if (o.quantizer == "fsq") {
+    vqkit::FsqConfig fc;
+    fc.levels = o.fsq_levels;
+    q = std::make_unique<fam::Adapter<vqkit::FSQ<float>>>(fc);
+  } else {
+    vqkit::LfqConfig lc;
+    lc.dim = o.lfq_bits;
+    lc.entropy_weight = o.lfq_entropy_weight;
+    q = std::make_unique<fam::Adapter<vqkit::LFQ<float>>>(lc);
+  }
+  std::printf("vq_train: %s: %lld rows x %lld dims, batch %lld, %lld steps, seed %llu\n",
+              data.description.c_str(), static_cast<long long>(data.x.rows()), static_cast<long long>(D),
+              static_cast<long long>(o.batch), static_cast<long long>(o.steps),
+              static_cast<unsigned long long>(o.seed));
+  fam::RunOptions ro;
+  ro.batch = o.batch;
+  ro.steps = o.steps;
+  ro.log_every = o.log_every;
+  ro.autoencoder = o.autoencoder;
+  ro.lr = o.ae_lr;
+  ro.seed = o.seed;
+  ro.batch_seed = batch_seed;
+  ro.threads = o.threads;
+  ro.csv = o.csv;
+  return fam::run(*q, data.x, ro);
+}
+
 int run(const Options& o) {
   // Independent streams for the mixture and the batch draws; the quantizer
   // (memory bank, k-means, replacements) gets --seed itself.
@@ -331,6 +442,7 @@ int run(const Options& o) {
   cfg.seed = o.seed;
   const vqkit::cpu backend{o.threads};
   if (o.threads > 0) Eigen::setNbThreads(o.threads);
+  if (o.quantizer != "vq" || o.autoencoder) return run_family(o, data, cfg, batch_seed);
   vqkit::VectorQuantizer<float> vq(cfg, backend);
   vq.train();
 
