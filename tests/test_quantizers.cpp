@@ -360,6 +360,15 @@ TEST_CASE("ResidualVQ: levels quantize the residuals, MSE falls at every level, 
     CHECK(rel_err(dx, dhand) < 1e-14);
   }
   rvq.eval();
+  {
+    // one vector repeated: every level picks one code, a collapsed batch
+    const RowMatrix<double> same = clustered(1, 6, 1, 5).replicate(128, 1);
+    auto hc = rvq.forward(same, out);
+    CHECK(hc.level[0].metrics.health == vqkit::Health::collapsed);
+    CHECK(decltype(rvq)::health(hc) == vqkit::Health::collapsed);
+    hc = rvq.forward(clustered(512, 6, 40, 998), out);
+    CHECK(decltype(rvq)::health(hc) != vqkit::Health::collapsed);
+  }
   x = clustered(512, 6, 40, 999);
   const IndexMatrix idx = rvq.encode(x);
   auto ctx = rvq.forward(x, out);
@@ -473,6 +482,12 @@ TEST_CASE("GroupedVQ: separate heads are independent quantizers, shared is one o
     }
     gvq.eval();
     const RowMatrix<double> x = clustered(N, G * d, 10, 77);
+    {
+      auto hc = gvq.forward(x, out);
+      vqkit::Health worst = vqkit::Health::healthy;
+      for (const auto& c : hc.head) worst = std::max(worst, c.metrics.health);
+      CHECK(decltype(gvq)::health(hc) == worst);
+    }
     auto ctx = gvq.forward(x, out);
     const IndexMatrix idx = gvq.encode(x);
     CHECK(idx == ctx.indices);

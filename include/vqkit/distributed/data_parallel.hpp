@@ -213,13 +213,10 @@ template <class VQ>
 std::uint64_t fingerprint(const VQ& vq) {
   Fingerprint f;
   const auto& c = vq.config();
-  f.values(c.codebook_size, c.dim, c.metric, c.update, c.ema.decay, c.ema.eps,
-           c.loss.codebook_weight, c.loss.commitment_weight, c.loss.reduction, c.dead.policy,
-           c.dead.dead_after, c.dead.check_every, c.dead.min_steps, c.dead.max_dead_fraction,
-           c.dead.replace_threshold, c.init, c.kmeans_iterations, c.kmeans_min_cluster_fraction,
-           c.bank_rows(), c.init_rows(), c.refine_init, c.usage_window, c.non_finite, c.seed,
-           c.search_precision, c.ema.warmup_decay, c.ema.warmup_steps, c.dead.reinit_below_usage,
-           c.dead.replace_after, c.dead.replace_from_steps, c.gradient_estimator);
+  // every field of the config (vector_quantizer.hpp's visit_config, found by
+  // argument-dependent lookup) and the sizes its defaults imply
+  visit_config(c, [&](const char*, const auto& v) { f.values(v); });
+  f.values(c.bank_rows(), c.init_rows());
   f.matrix(vq.codebook());
   f.matrix(vq.ema_state().cluster_size);
   f.matrix(vq.ema_state().embed_sum);

@@ -120,51 +120,15 @@ constexpr std::size_t field_count() {
 static_assert(field_count<VectorQuantizerConfig>() == 19 && field_count<EmaOptions>() == 4 &&
                   field_count<LossOptions>() == 3 && field_count<DeadCodeOptions>() == 9 &&
                   field_count<SearchOptions>() == 3,
-              "VectorQuantizerConfig changed: update visit_config() in vqkit/io/checkpoint.hpp");
+              "VectorQuantizerConfig changed: update visit_config() in vqkit/layers/vector_quantizer.hpp");
 template <class State>
 constexpr bool state_covered = field_count<State>() == 18;
 
 // ---- config <-> strings -------------------------------------------------------
 
-/// Calls f(key, field) for every field of the config, in declaration order.
-/// Config is VectorQuantizerConfig or const VectorQuantizerConfig.
-template <class Config, class F>
-void visit_config(Config& c, F&& f) {
-  f("codebook_size", c.codebook_size);
-  f("dim", c.dim);
-  f("metric", c.metric);
-  f("update", c.update);
-  f("ema.decay", c.ema.decay);
-  f("ema.eps", c.ema.eps);
-  f("ema.warmup_decay", c.ema.warmup_decay);
-  f("ema.warmup_steps", c.ema.warmup_steps);
-  f("loss.codebook_weight", c.loss.codebook_weight);
-  f("loss.commitment_weight", c.loss.commitment_weight);
-  f("loss.reduction", c.loss.reduction);
-  f("dead.policy", c.dead.policy);
-  f("dead.dead_after", c.dead.dead_after);
-  f("dead.check_every", c.dead.check_every);
-  f("dead.min_steps", c.dead.min_steps);
-  f("dead.max_dead_fraction", c.dead.max_dead_fraction);
-  f("dead.replace_threshold", c.dead.replace_threshold);
-  f("dead.reinit_below_usage", c.dead.reinit_below_usage);
-  f("dead.replace_after", c.dead.replace_after);
-  f("dead.replace_from_steps", c.dead.replace_from_steps);
-  f("init", c.init);
-  f("kmeans_iterations", c.kmeans_iterations);
-  f("kmeans_min_cluster_fraction", c.kmeans_min_cluster_fraction);
-  f("memory_bank_size", c.memory_bank_size);
-  f("init_min_rows", c.init_min_rows);
-  f("refine_init", c.refine_init);
-  f("usage_window", c.usage_window);
-  f("non_finite", c.non_finite);
-  f("seed", c.seed);
-  f("search.metric", c.search.metric);
-  f("search.row_block", c.search.row_block);
-  f("search.code_block", c.search.code_block);
-  f("search_precision", c.search_precision);
-  f("gradient_estimator", c.gradient_estimator);
-}
+// visit_config (vector_quantizer.hpp) lists the config's fields once for
+// the checkpoint keys here and the data-parallel fingerprint.
+using ::vqkit::visit_config;
 
 /// Config keys added after version 1's first release, with the value a
 /// checkpoint written before them had (it is loaded as that); nullptr for

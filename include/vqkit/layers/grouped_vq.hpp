@@ -89,6 +89,9 @@ class GroupedVQ : public detail::QuantizerSurface<GroupedVQ<T, Backend>, T> {
     }
   }
 
+  /// The worst health verdict of the heads.
+  static Health health(const Context& ctx) { return detail::worst_health(ctx.head); }
+
   /// N x G indices (eval semantics, no state change).
   IndexMatrix encode(ConstMatrixRef<T> x) const {
     detail::require_batch(x, dim(), "GroupedVQ::encode", "x");

@@ -142,12 +142,7 @@ class ResidualVQ : public detail::QuantizerSurface<ResidualVQ<T, Backend>, T> {
   }
 
   /// The worst health verdict of the levels that ran.
-  static Health health(const Context& ctx) {
-    Health h = Health::healthy;
-    for (const auto& c : ctx.level)
-      if (int(c.metrics.health) > int(h)) h = c.metrics.health;
-    return h;
-  }
+  static Health health(const Context& ctx) { return detail::worst_health(ctx.level); }
 
   struct State {
     std::vector<typename Level::State> levels;

@@ -142,6 +142,50 @@ struct VectorQuantizerConfig {
   }
 };
 
+/// The config's field list, written once: calls f(key, field) for every
+/// field in declaration order (nested ones as "ema.decay", ...). Config is
+/// VectorQuantizerConfig or const VectorQuantizerConfig. The checkpoint keys
+/// (io/checkpoint.hpp) and the data-parallel fingerprint
+/// (distributed/data_parallel.hpp) come from it; a static_assert in
+/// checkpoint.hpp fails when a field is added to the struct but not here.
+template <class Config, class F>
+void visit_config(Config& c, F&& f) {
+  f("codebook_size", c.codebook_size);
+  f("dim", c.dim);
+  f("metric", c.metric);
+  f("update", c.update);
+  f("ema.decay", c.ema.decay);
+  f("ema.eps", c.ema.eps);
+  f("ema.warmup_decay", c.ema.warmup_decay);
+  f("ema.warmup_steps", c.ema.warmup_steps);
+  f("loss.codebook_weight", c.loss.codebook_weight);
+  f("loss.commitment_weight", c.loss.commitment_weight);
+  f("loss.reduction", c.loss.reduction);
+  f("dead.policy", c.dead.policy);
+  f("dead.dead_after", c.dead.dead_after);
+  f("dead.check_every", c.dead.check_every);
+  f("dead.min_steps", c.dead.min_steps);
+  f("dead.max_dead_fraction", c.dead.max_dead_fraction);
+  f("dead.replace_threshold", c.dead.replace_threshold);
+  f("dead.reinit_below_usage", c.dead.reinit_below_usage);
+  f("dead.replace_after", c.dead.replace_after);
+  f("dead.replace_from_steps", c.dead.replace_from_steps);
+  f("init", c.init);
+  f("kmeans_iterations", c.kmeans_iterations);
+  f("kmeans_min_cluster_fraction", c.kmeans_min_cluster_fraction);
+  f("memory_bank_size", c.memory_bank_size);
+  f("init_min_rows", c.init_min_rows);
+  f("refine_init", c.refine_init);
+  f("usage_window", c.usage_window);
+  f("non_finite", c.non_finite);
+  f("seed", c.seed);
+  f("search.metric", c.search.metric);
+  f("search.row_block", c.search.row_block);
+  f("search.code_block", c.search.code_block);
+  f("search_precision", c.search_precision);
+  f("gradient_estimator", c.gradient_estimator);
+}
+
 template <class T, class Backend = cpu>
 class VectorQuantizer {
  public:
@@ -732,6 +776,15 @@ class VectorQuantizer {
 };
 
 namespace detail {
+
+/// The worst health verdict over the contexts of a composite's quantizers.
+template <class Contexts>
+Health worst_health(const Contexts& contexts) {
+  Health h = Health::healthy;
+  for (const auto& c : contexts)
+    if (int(c.metrics.health) > int(h)) h = c.metrics.health;
+  return h;
+}
 
 /// Restores quantizers[i] from states[i] for every i, all or nothing: when
 /// one set_state throws, the ones already restored get their old state back
