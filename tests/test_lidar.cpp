@@ -18,7 +18,7 @@
 #include <string>
 #include <tuple>
 #include <vector>
-#include <vqkit/layers/map_shape.hpp>
+#include <vqkit/core/map_shape.hpp>
 #include <vqkit/lidar/bev_image.hpp>
 #include <vqkit/lidar/eval_metrics.hpp>
 #include <vqkit/lidar/kitti.hpp>

@@ -84,6 +84,98 @@ TEST_CASE("kmeans_reinit_due follows check_every, min_steps and the fraction", "
   CHECK_THROWS_WITH(parse_dead_code_policy("sometimes"), Catch::Contains("'sometimes'"));
 }
 
+TEST_CASE("decide_dead_codes: each policy's decision from its definition", "[dead]") {
+  // Six codes; EMA sizes mean 1.0; code 4 idle for 30 steps, the rest recent.
+  Eigen::VectorXd size(6);
+  size << 2.5, 0.05, 1.0, 0.09, 2.25, 0.11;
+  UsageTracker usage(6);
+  Eigen::VectorXd hit(6);
+  hit << 0, 0, 0, 0, 1, 0;
+  usage.record(hit);
+  hit << 1, 1, 1, 1, 0, 1;
+  for (int s = 0; s < 30; ++s) usage.record(hit);
+  REQUIRE(usage.steps_since_used()[4] == 30);
+  DeadCodeInputs<double> in;
+  in.step = 300;
+  in.dead = 0;
+  in.window_usage = 6;
+  in.usage_window = 10;
+  in.rows_per_step = 100;
+  in.steps_since_init = 300;
+  in.data_initialized = true;
+  in.bank_size = 1000;
+  in.usage = &usage;
+  in.cluster_size = &size;
+  DeadCodeOptions o;
+  o.replace_after = 0;  // idle re-seeding off at first
+  DeadCodeAction a(6);
+  const auto reseed = [&] { return std::vector<Index>(a.reseed.begin(), a.reseed.end()); };
+
+  SECTION("replace: codes below replace_threshold x the mean size, N_k reset to the mean") {
+    o.policy = DeadCodePolicy::replace;
+    o.replace_threshold = 0.1;  // below 0.1: codes 1 and 3, not 5 (0.11)
+    decide_dead_codes(o, in, a);
+    CHECK_FALSE(a.reinit);
+    CHECK(reseed() == std::vector<Index>{1, 3});
+    CHECK(a.reseed_size == Approx(1.0));
+    CHECK(a.reseed_from == 100);  // replace_from_steps 1: this step's rows
+    o.replace_from_steps = 0;     // the whole bank
+    decide_dead_codes(o, in, a);
+    CHECK(a.reseed_from == 1000);
+    o.replace_from_steps = 20;  // more steps than the bank holds: the whole bank
+    decide_dead_codes(o, in, a);
+    CHECK(a.reseed_from == 1000);
+  }
+  SECTION("idle codes are re-seeded under both policies, never under none") {
+    o.replace_after = 30;
+    o.policy = DeadCodePolicy::kmeans_reinit;
+    decide_dead_codes(o, in, a);
+    CHECK(reseed() == std::vector<Index>{4});
+    o.replace_after = 31;
+    decide_dead_codes(o, in, a);
+    CHECK(a.reseed.empty());
+    o.replace_after = -1;  // automatic: max(window, ceil(10 K / rows)) = 10 steps
+    decide_dead_codes(o, in, a);
+    CHECK(reseed() == std::vector<Index>{4});
+    o.policy = DeadCodePolicy::replace;
+    decide_dead_codes(o, in, a);
+    CHECK(reseed() == std::vector<Index>{1, 3, 4});
+    o.policy = DeadCodePolicy::none;
+    decide_dead_codes(o, in, a);
+    CHECK(a.reseed.empty());
+    CHECK_FALSE(a.reinit);
+  }
+  SECTION("kmeans_reinit: the clock, the health trigger, and a bank too small") {
+    o.policy = DeadCodePolicy::kmeans_reinit;
+    in.dead = 1;  // 1 of 6 > 3%, at a check step
+    decide_dead_codes(o, in, a);
+    CHECK(a.reinit);
+    CHECK(a.reseed.empty());
+    in.bank_size = 5;  // fewer rows than codes: no k-means
+    decide_dead_codes(o, in, a);
+    CHECK_FALSE(a.reinit);
+    in.bank_size = 1000;
+    in.dead = 0;
+    in.step = 301;  // not a check step; health: 2 of min(6, 1000) codes in use < 0.5
+    in.window_usage = 2;
+    o.reinit_below_usage = 0.5;
+    decide_dead_codes(o, in, a);
+    CHECK(a.reinit);
+    in.steps_since_init = 9;  // the window still mixes in the old codebook
+    decide_dead_codes(o, in, a);
+    CHECK_FALSE(a.reinit);
+  }
+  SECTION("nothing before the data-driven init, and a decision overwrites the last") {
+    o.policy = DeadCodePolicy::replace;
+    decide_dead_codes(o, in, a);
+    REQUIRE_FALSE(a.reseed.empty());
+    in.data_initialized = false;
+    decide_dead_codes(o, in, a);
+    CHECK(a.reseed.empty());
+    CHECK_FALSE(a.reinit);
+  }
+}
+
 TEST_CASE("MemoryBank is a ring buffer that reports, not hides, overflow", "[bank]") {
   MemoryBank<double> bank(5, 2);
   Rng rng(1);

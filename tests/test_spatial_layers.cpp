@@ -10,7 +10,7 @@
 #include <vqkit/core/error.hpp>
 #include <vqkit/core/random.hpp>
 #include <vqkit/io/safetensors.hpp>
-#include <vqkit/layers/map_shape.hpp>
+#include <vqkit/core/map_shape.hpp>
 #include <vqkit/layers/patch.hpp>
 #include <vqkit/layers/residual.hpp>
 #include <vqkit/layers/segment_sum.hpp>

@@ -9,14 +9,16 @@
 
 #include "vqkit/quantizer.hpp"
 
+#include "vqkit/core/blocked_sum.hpp"
+#include "vqkit/core/map_shape.hpp"
+#include "vqkit/core/parameter.hpp"
+
 #include "vqkit/layers/activations.hpp"
 #include "vqkit/layers/embedding.hpp"
 #include "vqkit/layers/gelu.hpp"
 #include "vqkit/layers/layer_norm.hpp"
 #include "vqkit/layers/linear.hpp"
-#include "vqkit/layers/map_shape.hpp"
 #include "vqkit/layers/mlp.hpp"
-#include "vqkit/layers/parameter.hpp"
 #include "vqkit/layers/patch.hpp"
 #include "vqkit/layers/recon_loss.hpp"
 #include "vqkit/layers/residual.hpp"

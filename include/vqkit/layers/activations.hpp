@@ -30,7 +30,7 @@
 #include "vqkit/core/backend.hpp"
 #include "vqkit/core/error.hpp"
 #include "vqkit/core/types.hpp"
-#include "vqkit/layers/parameter.hpp"
+#include "vqkit/core/parameter.hpp"
 
 namespace vqkit {
 

@@ -31,7 +31,7 @@
 #include "vqkit/core/error.hpp"
 #include "vqkit/core/random.hpp"
 #include "vqkit/core/types.hpp"
-#include "vqkit/layers/parameter.hpp"
+#include "vqkit/core/parameter.hpp"
 #include "vqkit/layers/segment_sum.hpp"
 
 namespace vqkit {

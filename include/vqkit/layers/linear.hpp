@@ -39,7 +39,7 @@
 #include "vqkit/core/gemm.hpp"
 #include "vqkit/core/random.hpp"
 #include "vqkit/core/types.hpp"
-#include "vqkit/layers/parameter.hpp"
+#include "vqkit/core/parameter.hpp"
 
 namespace vqkit {
 

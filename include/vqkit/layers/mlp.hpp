@@ -38,7 +38,7 @@
 #include "vqkit/layers/activations.hpp"
 #include "vqkit/layers/gelu.hpp"
 #include "vqkit/layers/linear.hpp"
-#include "vqkit/layers/parameter.hpp"
+#include "vqkit/core/parameter.hpp"
 
 namespace vqkit {
 

@@ -78,8 +78,8 @@
 #include "vqkit/core/types.hpp"
 #include "vqkit/layers/layer_norm.hpp"
 #include "vqkit/layers/linear.hpp"
-#include "vqkit/layers/map_shape.hpp"
-#include "vqkit/layers/parameter.hpp"
+#include "vqkit/core/map_shape.hpp"
+#include "vqkit/core/parameter.hpp"
 
 namespace vqkit {
 

@@ -20,7 +20,7 @@
 #include "vqkit/layers/gelu.hpp"
 #include "vqkit/layers/layer_norm.hpp"
 #include "vqkit/layers/linear.hpp"
-#include "vqkit/layers/parameter.hpp"
+#include "vqkit/core/parameter.hpp"
 #include "vqkit/layers/vector_quantizer.hpp"
 
 namespace vqkit {

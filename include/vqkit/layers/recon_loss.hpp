@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "vqkit/core/backend.hpp"
+#include "vqkit/core/blocked_sum.hpp"
 #include "vqkit/core/check.hpp"
 #include "vqkit/core/error.hpp"
 #include "vqkit/core/types.hpp"
@@ -53,26 +54,6 @@
 namespace vqkit {
 
 namespace detail {
-
-/// sum over i in [0, n) of f(i), in double: fixed blocks of 4096 indices,
-/// summed in parallel, then the block sums added in order (thread-count
-/// independent).
-template <class F>
-double blocked_sum(const cpu& be, Index n, F&& f) {
-  constexpr Index block = 4096;
-  const Index nblocks = (n + block - 1) / block;
-  std::vector<double> partial(static_cast<std::size_t>(nblocks), 0.0);
-#pragma omp parallel for schedule(static) num_threads(be.num_threads()) if (nblocks > 1)
-  for (Index b = 0; b < nblocks; ++b) {
-    double s = 0.0;
-    const Index end = std::min(n, (b + 1) * block);
-    for (Index i = b * block; i < end; ++i) s += f(i);
-    partial[static_cast<std::size_t>(b)] = s;
-  }
-  double total = 0.0;
-  for (double s : partial) total += s;
-  return total;
-}
 
 template <class T>
 T softplus(T z) {

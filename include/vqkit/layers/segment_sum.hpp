@@ -38,8 +38,8 @@
 #include "vqkit/core/backend.hpp"
 #include "vqkit/core/error.hpp"
 #include "vqkit/core/types.hpp"
-#include "vqkit/layers/map_shape.hpp"
-#include "vqkit/layers/parameter.hpp"
+#include "vqkit/core/map_shape.hpp"
+#include "vqkit/core/parameter.hpp"
 
 namespace vqkit {
 

@@ -3,7 +3,7 @@
 // alternate regular and shifted windows.
 //
 // Shapes (B maps of H x W tokens, N = B*H*W, C = dim, hidden = mlp_ratio*C):
-//   x, y   (N, C)   rows in (b, y, x) order (MapShape, layers/map_shape.hpp)
+//   x, y   (N, C)   rows in (b, y, x) order (MapShape, core/map_shape.hpp)
 //
 // SwinBlock(dim, heads, window, shift, rng, mlp_ratio = 4), shift 0 or
 // window/2 (integer division):
@@ -58,8 +58,8 @@
 #include "vqkit/layers/gelu.hpp"
 #include "vqkit/layers/layer_norm.hpp"
 #include "vqkit/layers/linear.hpp"
-#include "vqkit/layers/map_shape.hpp"
-#include "vqkit/layers/parameter.hpp"
+#include "vqkit/core/map_shape.hpp"
+#include "vqkit/core/parameter.hpp"
 #include "vqkit/layers/window_attention.hpp"
 
 namespace vqkit {

@@ -53,9 +53,9 @@
 #include "vqkit/core/random.hpp"
 #include "vqkit/core/row_mask.hpp"
 #include "vqkit/core/types.hpp"
-#include "vqkit/distributed/data_parallel.hpp"
+#include "vqkit/distributed/batch_sync.hpp"
 #include "vqkit/distributed/reducer.hpp"
-#include "vqkit/layers/parameter.hpp"
+#include "vqkit/core/parameter.hpp"
 #include "vqkit/quantizer/cluster_stats.hpp"
 #include "vqkit/quantizer/dead_codes.hpp"
 #include "vqkit/quantizer/ema.hpp"
@@ -219,7 +219,8 @@ class VectorQuantizer {
         bank_(cfg.bank_rows(), cfg.dim),
         usage_(cfg.codebook_size),
         data_initialized_(cfg.init == InitMethod::normalized),
-        init_refined_(cfg.init == InitMethod::normalized || !cfg.refine_init) {
+        init_refined_(cfg.init == InitMethod::normalized || !cfg.refine_init),
+        dead_(cfg.codebook_size) {
     ema_reset<T>(ema_, codes_, Vector<T>::Ones(cfg.codebook_size));
   }
 
@@ -248,9 +249,8 @@ class VectorQuantizer {
     // Under a reducer every rank's slice is checked together (a collective):
     // if one is rejected every rank throws, if one is non-finite all skip.
     const bool all_finite =
-        dp_ && training_
-            ? dp_->begin_step(x, cfg_.dim, cfg_.non_finite == NonFinitePolicy::reject, where)
-            : true;
+        training_ ? sync_.begin_step(x, cfg_.dim, cfg_.non_finite == NonFinitePolicy::reject, where)
+                  : true;
     detail::require_batch(x, cfg_.dim, where, "x");
     // A rejected batch leaves ctx untouched, like the layer.
     if (cfg_.non_finite == NonFinitePolicy::reject) detail::require_finite(x, where, "x");
@@ -272,11 +272,9 @@ class VectorQuantizer {
     Index rows = N;  // rows of the whole batch (over every rank)
     double staleness = 0;
     if (training_) {
-      if (!dp_) staleness = bank_staleness(x);  // (under a reducer the bank is incomplete here)
-      if (dp_)
-        rows = dp_->push(x, rng_);
-      else
-        bank_.push(x, rng_);
+      // (under a reducer the bank is incomplete here)
+      if (!sync_.distributed()) staleness = bank_staleness(x);
+      rows = sync_.push(x, bank_, rng_);
       const bool first = !data_initialized_ && bank_size() >= cfg_.init_rows();
       const bool refine = data_initialized_ && !init_refined_ && bank_full();
       if (first || refine) {
@@ -311,7 +309,7 @@ class VectorQuantizer {
         cluster_stats<T>(backend_, x, ctx.indices, K, stats_, stats_ws_);
       else
         stats_ = cluster_stats<T>(backend_, x, ctx.indices, K);
-      if (dp_) dp_->all_reduce(stats_);  // the whole batch's counts and sums
+      sync_.reduce(stats_);  // the whole batch's counts and sums
       lag = lag_fraction(ctx.indices, ctx.residual);
       EmaOptions ema = cfg_.ema;
       ema.decay = cfg_.ema.decay_at(step_);
@@ -322,7 +320,7 @@ class VectorQuantizer {
       else
         counts = cluster_counts<T>(backend_, ctx.indices, K);
       if (training_) {  // gradient mode still tracks EMA cluster sizes (replace policy)
-        if (dp_) dp_->all_reduce(counts);
+        sync_.reduce(counts);
         const T g = T(cfg_.ema.decay_at(step_));
         ema_.cluster_size = g * ema_.cluster_size + (T(1) - g) * counts;
       }
@@ -335,7 +333,7 @@ class VectorQuantizer {
     ctx.metrics.window = cfg_.usage_window;
     ctx.metrics.window_usage = usage_.used_within(cfg_.usage_window);
     ctx.metrics.dead = usage_.dead(cfg_.dead.dead_after);
-    ctx.metrics.overflow_rows = dp_ ? dp_->overflow_rows() : bank_.overflow_rows();
+    ctx.metrics.overflow_rows = sync_.overflow_rows(bank_);
     ctx.metrics.lag_fraction = lag;
     ctx.metrics.bank_staleness = staleness;
     ctx.metrics.ema_decay = cfg_.ema.decay_at(training_ ? step_ - 1 : step_);
@@ -354,7 +352,7 @@ class VectorQuantizer {
     constexpr const char* where = "VectorQuantizer::forward";
     detail::require_batch(x, cfg_.dim, where, "x");
     detail::require_mask(mask, x.rows(), where);
-    VQKIT_REQUIRE(!dp_, where, "row masks are not supported under a reducer");
+    VQKIT_REQUIRE(!sync_.distributed(), where, "row masks are not supported under a reducer");
     mask_.select(mask);
     if (mask_.size() == x.rows()) return forward(x, quantized, ctx);
     if (mask_.size() == 0) {
@@ -500,23 +498,17 @@ class VectorQuantizer {
   /// size 1) returns to the single-process path; the reducer must outlive
   /// its use here.
   void set_reducer(Reducer* reducer) {
-    if (dp_) {  // leave with a complete memory bank
-      dp_->sync(bank_);
-      dp_.reset();
-    }
-    if (reducer == nullptr || reducer->size() == 1) return;
-    detail::require_same_on_every_rank(*reducer, detail::fingerprint(*this),
-                                       "VectorQuantizer::set_reducer");
-    dp_.emplace(*reducer, bank_);
+    // (the fingerprint is only compared when a reducer of size > 1 comes)
+    const bool compare = reducer != nullptr && reducer->size() > 1;
+    sync_.attach(reducer, bank_, compare ? detail::fingerprint(*this) : 0,
+                 "VectorQuantizer::set_reducer");
   }
-  Reducer* reducer() const { return dp_ ? &dp_->reducer() : nullptr; }
+  Reducer* reducer() const { return sync_.reducer(); }
 
   /// Under a reducer, memory_bank() lacks the rows other ranks pushed since
   /// the bank was last read; this collective gathers them (state() and
   /// checkpoints need it). Without a reducer it does nothing.
-  void sync_memory_bank() {
-    if (dp_) dp_->sync(bank_);
-  }
+  void sync_memory_bank() { sync_.complete(bank_); }
 
   /// Replaces the codebook (e.g. from a trained model); the EMA state is
   /// reset consistently with N_k = 1.
@@ -548,7 +540,7 @@ class VectorQuantizer {
   };
 
   State state() const {
-    VQKIT_REQUIRE(!dp_ || !dp_->pending(), "VectorQuantizer::state",
+    VQKIT_REQUIRE(!sync_.pending(), "VectorQuantizer::state",
                   "the memory bank lacks rows other ranks pushed: call sync_memory_bank() on "
                   "every rank first");
     State s;
@@ -622,14 +614,14 @@ class VectorQuantizer {
     init_refined_ = s.init_refined;
     training_ = s.training;
     last_init_step_ = s.last_init_step;
-    if (dp_) dp_->reset(bank_);  // every rank must set the same state
+    sync_.restart(bank_);  // (under a reducer every rank must set the same state)
   }
 
  private:
   /// k-means over the memory bank; codes and EMA state re-initialised
   /// consistently, cluster counts scaled to `rows_per_step`.
   void reinit_from_bank(Index rows_per_step) {
-    if (dp_) dp_->sync(bank_);  // collective: the same bank on every rank
+    sync_.complete(bank_);  // (a collective under a reducer: the same bank on every rank)
     KMeansOptions ko;
     ko.k = cfg_.codebook_size;
     ko.iterations = cfg_.kmeans_iterations;
@@ -640,16 +632,6 @@ class VectorQuantizer {
     ema_reset<T>(ema_, codes_, km.counts * scale);
     usage_.reset_all();
     last_init_step_ = step_;
-  }
-
-  /// The newest rows of the bank that replacements draw from (see
-  /// DeadCodeOptions::replace_from_steps); needs a complete bank (synced
-  /// under a reducer).
-  Index replacement_rows(Index rows_per_step) const {
-    const Index size = bank_.size();
-    if (cfg_.dead.replace_from_steps == 0) return size;
-    const double rows = double(rows_per_step) * double(cfg_.dead.replace_from_steps);
-    return rows >= double(size) ? size : std::max<Index>(1, Index(rows));
   }
 
   /// How far the bank's oldest rows are from this batch (before the push):
@@ -688,7 +670,7 @@ class VectorQuantizer {
   double lag_fraction(const IndexVector& idx, const RowMatrix<T>& residual) {
     lag_sq_.setZero(cfg_.codebook_size);
     for (Index i = 0; i < residual.rows(); ++i) lag_sq_[idx[i]] += residual.row(i).squaredNorm();
-    if (dp_) dp_->all_reduce(lag_sq_);
+    sync_.reduce(lag_sq_);
     double total = 0;
     for (Index k = 0; k < cfg_.codebook_size; ++k) total += double(lag_sq_[k]);
     if (!(total > 0)) return 0.0;
@@ -711,44 +693,40 @@ class VectorQuantizer {
     return rotated_dq_;
   }
 
+  /// The dead-code policy's decision (quantizer/dead_codes.hpp), carried out.
   void apply_dead_code_policy(Context& ctx, Index rows_per_step) {
-    const Index K = cfg_.codebook_size;
-    if (cfg_.dead.policy == DeadCodePolicy::kmeans_reinit) {
-      const bool due =
-          kmeans_reinit_due(cfg_.dead, step_, ctx.metrics.dead, K) ||
-          kmeans_health_reinit_due(cfg_.dead, ctx.metrics.window_usage, cfg_.usage_window,
-                                   double(rows_per_step) * double(cfg_.usage_window),
-                                   step_ - last_init_step_, K);
-      if (data_initialized_ && bank_size() >= K && due) {
-        reinit_from_bank(rows_per_step);
-        ++reinits_;
-        ctx.reinitialized = true;
-      }
+    DeadCodeInputs<T> in;
+    in.step = step_;
+    in.dead = ctx.metrics.dead;
+    in.window_usage = ctx.metrics.window_usage;
+    in.usage_window = cfg_.usage_window;
+    in.rows_per_step = rows_per_step;
+    in.steps_since_init = step_ - last_init_step_;
+    in.data_initialized = data_initialized_;
+    in.bank_size = bank_size();
+    in.usage = &usage_;
+    in.cluster_size = &ema_.cluster_size;
+    decide_dead_codes(cfg_.dead, in, dead_);
+    if (dead_.reinit) {
+      reinit_from_bank(rows_per_step);
+      ++reinits_;
+      ctx.reinitialized = true;
+      return;
     }
-    const bool by_size = cfg_.dead.policy == DeadCodePolicy::replace;
-    const std::int64_t idle_steps =
-        cfg_.dead.replace_after_steps(K, rows_per_step, cfg_.usage_window);
-    const bool by_idle = idle_steps > 0 && cfg_.dead.policy != DeadCodePolicy::none;
-    if ((by_size || by_idle) && data_initialized_ && !ctx.reinitialized) {
-      const T mean = ema_.cluster_size.sum() / T(K);
-      // (a threshold of -1 turns the EMA-size rule off: sizes are >= 0)
-      const T threshold = by_size ? T(cfg_.dead.replace_threshold) * mean : T(-1);
-      for (Index k = 0; k < K; ++k) {
-        const bool idle = by_idle && usage_.steps_since_used()[k] >= idle_steps;
-        if (ema_.cluster_size[k] >= threshold && !idle) continue;
-        if (dp_ && ctx.replaced == 0) dp_->sync(bank_);  // collective: the decision is global
-        const Index n = replacement_rows(rows_per_step);
-        const auto row = n == bank_.size() ? bank_.random_row(rng_) : bank_.random_recent_row(rng_, n);
-        ema_reset_code<T>(ema_, codes_, k, row, mean);
-        usage_.reset(k);
-        ++ctx.replaced;
-      }
-      replaced_ += ctx.replaced;
+    if (dead_.reseed.empty()) return;
+    sync_.complete(bank_);  // (a collective under a reducer: the decision is global)
+    const Index n = dead_.reseed_from;
+    for (Index k : dead_.reseed) {
+      const auto row = n == bank_.size() ? bank_.random_row(rng_) : bank_.random_recent_row(rng_, n);
+      ema_reset_code<T>(ema_, codes_, k, row, T(dead_.reseed_size));
+      usage_.reset(k);
     }
+    ctx.replaced = Index(dead_.reseed.size());
+    replaced_ += ctx.replaced;
   }
 
   // Under a reducer bank_ is complete only after a sync; its size is known sooner.
-  Index bank_size() const { return dp_ ? dp_->bank_size() : bank_.size(); }
+  Index bank_size() const { return sync_.bank_size(bank_); }
   bool bank_full() const { return bank_size() == bank_.capacity(); }
 
   VectorQuantizerConfig cfg_;
@@ -762,7 +740,7 @@ class VectorQuantizer {
   std::int64_t last_init_step_ = 0;
   bool data_initialized_ = false, init_refined_ = false;
   bool training_ = true;
-  std::optional<detail::DataParallel<T>> dp_;  ///< engaged under a reducer of size > 1
+  detail::BatchSync<T> sync_;  ///< local, or the data-parallel collectives under a reducer
   // Workspaces of a step, reused (no state: never checkpointed).
   SearchWorkspace search_ws_;
   ClusterStats<T> stats_;  ///< this step's counts (and sums under EMA)
@@ -773,6 +751,7 @@ class VectorQuantizer {
   IndexVector masked_idx_;                  ///< a masked backward's real rows' indices
   RowMatrix<T> masked_dq_, masked_dx_;      ///< and their gradients
   RowMatrix<T> rotated_dq_;                 ///< the rotation trick's dq
+  DeadCodeAction dead_;                     ///< the dead-code policy's decision of a step
 };
 
 namespace detail {

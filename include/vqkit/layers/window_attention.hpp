@@ -4,7 +4,7 @@
 //
 // Shapes (B maps of H x W tokens, N = B*H*W, C = dim, nh = heads,
 // d = C / nh, w = window, n = w*w tokens per window, all row-major):
-//   x      (N, C)   rows in (b, y, x) order (MapShape, layers/map_shape.hpp)
+//   x      (N, C)   rows in (b, y, x) order (MapShape, core/map_shape.hpp)
 //   y      (N, C)   same order
 //   qkv    Linear(C -> 3C), with bias; output columns [q | k | v], each C
 //          wide, head h owning columns h*d .. h*d+d-1 of each
@@ -82,8 +82,8 @@
 #include "vqkit/core/random.hpp"
 #include "vqkit/core/types.hpp"
 #include "vqkit/layers/linear.hpp"
-#include "vqkit/layers/map_shape.hpp"
-#include "vqkit/layers/parameter.hpp"
+#include "vqkit/core/map_shape.hpp"
+#include "vqkit/core/parameter.hpp"
 
 #ifdef _OPENMP
 #include <omp.h>

@@ -53,7 +53,7 @@
 
 #include "vqkit/core/error.hpp"
 #include "vqkit/core/types.hpp"
-#include "vqkit/layers/map_shape.hpp"
+#include "vqkit/core/map_shape.hpp"
 
 namespace vqkit::lidar {
 

@@ -30,14 +30,17 @@
 //    are now, in proportion to how often they occur there (issue 16,
 //    docs/monitoring.md).
 //  - none.
-// The quantizer layer applies a policy after the EMA update of the step, so
-// a reset code is never overwritten by that step's update.
+// decide_dead_codes() is the policies' one decision (what to reset); the
+// quantizer layer carries it out after the EMA update of the step, so a reset
+// code is never overwritten by that step's update. Adding a policy touches
+// this header only (and the config's field list, if it has options).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "vqkit/core/error.hpp"
 #include "vqkit/core/types.hpp"
@@ -168,6 +171,81 @@ inline bool kmeans_health_reinit_due(const DeadCodeOptions& o, Index window_usag
   if (o.policy != DeadCodePolicy::kmeans_reinit || o.reinit_below_usage <= 0.0) return false;
   if (since_init < window) return false;  // the window still mixes in the old codebook
   return double(window_usage) < o.reinit_below_usage * std::min(double(K), window_rows);
+}
+
+
+/// What a dead-code policy sees after a training step's EMA update.
+template <class T>
+struct DeadCodeInputs {
+  std::int64_t step = 0;              ///< training steps done, this one included
+  Index dead = 0;                     ///< codes unused for dead_after steps
+  Index window_usage = 0;             ///< codes used within the usage window
+  std::int64_t usage_window = 1;      ///< its length (steps)
+  Index rows_per_step = 0;            ///< rows of this step's whole batch
+  std::int64_t steps_since_init = 0;  ///< since the last k-means (re)init
+  bool data_initialized = false;      ///< (before the k-means init nothing is reset)
+  Index bank_size = 0;                ///< rows in the memory bank (whole batch)
+  const UsageTracker* usage = nullptr;
+  const Vector<T>* cluster_size = nullptr;  ///< EMA N_k
+};
+
+/// What the policy asks of the quantizer, which carries it out: re-run
+/// k-means over the whole memory bank, or re-seed the listed codes, each
+/// from a random row among the bank's newest `reseed_from` rows (the whole
+/// bank when it equals the bank's size), its e, N and M reset together with
+/// N_k = reseed_size (ema_reset_code).
+struct DeadCodeAction {
+  bool reinit = false;
+  std::vector<Index> reseed;  ///< ascending; empty when reinit
+  Index reseed_from = 0;
+  double reseed_size = 0;
+
+  /// Space for K codes, so that deciding never allocates.
+  explicit DeadCodeAction(Index K = 0) { reseed.reserve(static_cast<std::size_t>(K)); }
+};
+
+/// The dead-code policies, decided in one place: a new policy is a
+/// DeadCodePolicy value, its options in DeadCodeOptions and its rule here
+/// (with a new kind of action in DeadCodeAction if re-init and re-seeding do
+/// not cover it). Overwrites `out`; allocates nothing once out has space for
+/// K codes.
+template <class T>
+void decide_dead_codes(const DeadCodeOptions& o, const DeadCodeInputs<T>& in,
+                       DeadCodeAction& out) {
+  out.reinit = false;
+  out.reseed.clear();
+  out.reseed_from = out.reseed_size = 0;
+  if (!in.data_initialized || o.policy == DeadCodePolicy::none) return;
+  const Vector<T>& size = *in.cluster_size;
+  const Index K = size.size();
+  if (o.policy == DeadCodePolicy::kmeans_reinit) {
+    const bool due = kmeans_reinit_due(o, in.step, in.dead, K) ||
+                     kmeans_health_reinit_due(o, in.window_usage, in.usage_window,
+                                              double(in.rows_per_step) * double(in.usage_window),
+                                              in.steps_since_init, K);
+    if (due && in.bank_size >= K) {
+      out.reinit = true;
+      return;
+    }
+  }
+  // Re-seeding: replace's small codes, and under both policies idle ones.
+  const bool by_size = o.policy == DeadCodePolicy::replace;
+  const std::int64_t idle_steps = o.replace_after_steps(K, in.rows_per_step, in.usage_window);
+  if (!by_size && idle_steps <= 0) return;
+  const T mean = size.sum() / T(K);
+  // (a threshold of -1 turns the EMA-size rule off: sizes are >= 0)
+  const T threshold = by_size ? T(o.replace_threshold) * mean : T(-1);
+  for (Index k = 0; k < K; ++k) {
+    const bool idle = idle_steps > 0 && in.usage->steps_since_used()[k] >= idle_steps;
+    if (size[k] < threshold || idle) out.reseed.push_back(k);
+  }
+  if (out.reseed.empty()) return;
+  out.reseed_size = double(mean);
+  out.reseed_from = in.bank_size;
+  if (o.replace_from_steps > 0) {  // the newest rows only
+    const double rows = double(in.rows_per_step) * double(o.replace_from_steps);
+    if (rows < double(in.bank_size)) out.reseed_from = std::max<Index>(1, Index(rows));
+  }
 }
 
 }  // namespace vqkit
