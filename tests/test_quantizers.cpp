@@ -389,6 +389,48 @@ TEST_CASE("ResidualVQ: levels quantize the residuals, MSE falls at every level, 
   CHECK_THROWS_WITH(rvq.decode(IndexMatrix::Zero(2, 3)), Contains("3 columns, expected one per level (4)"));
 }
 
+TEST_CASE("ResidualVQ with a shared codebook is one quantizer called once per level") {
+  vqkit::ResidualVQConfig cfg;
+  cfg.levels = 3;
+  cfg.shared = true;
+  cfg.level = small_vq(16, 6, 5);
+  vqkit::ResidualVQ<double> rvq(cfg);
+  CHECK(rvq.codebooks() == 1);
+  CHECK(&rvq.level(0) == &rvq.level(2));
+  CHECK_THROWS_WITH(rvq.level(3), Contains("level 3 is outside [0, 3)"));
+  vqkit::VectorQuantizer<double> hand(cfg.level);  // the definition: one codebook, Q calls
+  RowMatrix<double> x, out;
+  for (int s = 0; s < 8; ++s) {
+    x = clustered(128, 6, 40, 100 + s);
+    auto ctx = rvq.forward(x, out);
+    RowMatrix<double> r = x, sum = RowMatrix<double>::Zero(128, 6), q, dx, g;
+    const RowMatrix<double> G = vqkit::test::gaussian<double>(128, 6, 7 + s);
+    RowMatrix<double> dhand = G;
+    std::vector<vqkit::VectorQuantizer<double>::Context> hc(3);
+    for (Index l = 0; l < 3; ++l) {
+      hand.forward(r, q, hc[std::size_t(l)]);
+      CHECK(hc[std::size_t(l)].indices == ctx.indices.col(l));
+      sum += q;
+      r -= q;
+    }
+    for (Index l = 0; l < 3; ++l) {
+      hand.backward(hc[std::size_t(l)], RowMatrix<double>(0, 6), &g);
+      dhand += g;
+    }
+    CHECK(out == sum);
+    CHECK(rvq.level(0).codebook() == hand.codebook());
+    rvq.backward(ctx, G, &dx);
+    CHECK(rel_err(dx, dhand) < 1e-14);
+  }
+  CHECK(rvq.level(1).step() == 24);  // a step per level call
+  rvq.eval();
+  x = clustered(256, 6, 40, 999);
+  const IndexMatrix idx = rvq.encode(x);
+  CHECK(idx == rvq.forward(x, out).indices);
+  CHECK(rel_err(rvq.decode(idx), out) < 1e-14);
+  CHECK((idx.array() < 16).all());  // every level draws from the one codebook of 16
+}
+
 TEST_CASE("ResidualVQ: quantize dropout, state round trip, bad input changes nothing") {
   vqkit::ResidualVQConfig cfg;
   cfg.levels = 3;
@@ -504,6 +546,68 @@ TEST_CASE("GroupedVQ: separate heads are independent quantizers, shared is one o
   }
 }
 
+TEST_CASE("GroupedResidualVQ: each head a residual stack (or one shared), by hand") {
+  const Index N = 48, G = 2, d = 3, Q = 3;
+  const RowMatrix<double> dout = vqkit::test::gaussian<double>(N, G * d, 5);
+  for (bool shared : {false, true}) {
+    INFO("shared " << shared);
+    vqkit::GroupedResidualVQConfig cfg;
+    cfg.groups = G;
+    cfg.shared = shared;
+    cfg.head.levels = Q;
+    cfg.head.level = small_vq(8, d, 11);
+    vqkit::GroupedResidualVQ<double> gr(cfg);
+    CHECK(gr.codes_per_head() == Q);
+    // by hand: head g is a ResidualVQ whose levels are seeded 11 + g Q + l
+    std::vector<vqkit::ResidualVQ<double>> hand;
+    for (Index g = 0; g < (shared ? 1 : G); ++g) {
+      vqkit::ResidualVQConfig c = cfg.head;
+      c.level.seed = 11 + std::uint64_t(g * Q);
+      c.seed = std::uint64_t(g);
+      hand.emplace_back(c);
+    }
+    RowMatrix<double> out, dx, q, g_;
+    for (int s = 0; s < 5; ++s) {
+      const RowMatrix<double> x = clustered(N, G * d, 10, 60 + s);
+      auto ctx = gr.forward(x, out);
+      REQUIRE(ctx.indices.cols() == G * Q);
+      gr.backward(ctx, dout, &dx);
+      if (shared) {
+        auto c = hand[0].forward(RowMatrix<double>(Eigen::Map<const RowMatrix<double>>(x.data(), N * G, d)), q);
+        hand[0].backward(c, RowMatrix<double>(Eigen::Map<const RowMatrix<double>>(dout.data(), N * G, d)), &g_);
+        CHECK(out == Eigen::Map<const RowMatrix<double>>(q.data(), N, G * d));
+        CHECK(dx == Eigen::Map<const RowMatrix<double>>(g_.data(), N, G * d));
+        CHECK(ctx.indices == Eigen::Map<const IndexMatrix>(c.indices.data(), N, G * Q));
+      } else {
+        for (Index g = 0; g < G; ++g) {
+          auto c = hand[std::size_t(g)].forward(RowMatrix<double>(x.middleCols(g * d, d)), q);
+          hand[std::size_t(g)].backward(c, RowMatrix<double>(dout.middleCols(g * d, d)), &g_);
+          CHECK(out.middleCols(g * d, d) == q);
+          CHECK(dx.middleCols(g * d, d) == g_);
+          CHECK(ctx.indices.middleCols(g * Q, Q) == c.indices);
+        }
+      }
+    }
+    CHECK(decltype(gr)::health(gr.forward(clustered(N, G * d, 10, 70), out)) != vqkit::Health::collapsed);
+    gr.eval();
+    const RowMatrix<double> x = clustered(N, G * d, 10, 71);
+    const IndexMatrix idx = gr.encode(x);
+    CHECK(idx == gr.forward(x, out).indices);
+    CHECK(rel_err(gr.decode(idx), out) < 1e-14);
+    IndexMatrix bad = idx;
+    bad(2, G * Q - 1) = 8;
+    CHECK_THROWS_WITH(gr.decode(bad), Contains("index 8 at position"));
+    CHECK_THROWS_WITH(gr.decode(IndexMatrix::Zero(2, G)), Contains("expected 3 per head (6)"));
+    // masked rows: -1 in every level of every head, zero output
+    RowMask m = RowMask::Constant(N, true);
+    m[5] = false;
+    decltype(gr)::Context mc;
+    gr.forward(x, m, out, mc);
+    CHECK((mc.indices.row(5).array() == -1).all());
+    CHECK(out.row(5).isZero());
+  }
+}
+
 // -------------------------------------------------------- rotation trick ---
 
 TEST_CASE("rotation trick gradient matches PyTorch; the layer uses it, degenerate rows fall back") {
@@ -592,6 +696,25 @@ TEST_CASE("family checkpoints: files round trip and continue bit-identically; ba
   const auto codes0 = rvq2.level(0).codebook();
   CHECK_THROWS_WITH(vqkit::from_safetensors(f, rvq2), Contains("level.2"));
   CHECK(rvq2.level(0).codebook() == codes0);
+  // a file from before the shared codebook (no "shared" key) has separate ones
+  auto legacy = vqkit::to_safetensors(rvq);
+  REQUIRE(legacy.metadata.erase("shared") == 1);
+  vqkit::ResidualVQ<double> rvq3(rc);
+  vqkit::from_safetensors(legacy, rvq3);
+  CHECK(rvq3.level(2).codebook() == rvq.level(2).codebook());
+  // shared: one quantizer stored (as level 0); a separate-codebook layer refuses it
+  auto rs = rc;
+  rs.shared = true;
+  vqkit::ResidualVQ<double> sh1(rs), sh2(rs);
+  for (int s = 0; s < 4; ++s) sh1.forward(clustered(40, 4, 5, 800 + s), out);
+  const auto sf = vqkit::to_safetensors(sh1);
+  CHECK(sf.tensors.count("level.0.codebook") == 1);
+  CHECK(sf.tensors.count("level.1.codebook") == 0);
+  vqkit::from_safetensors(sf, sh2);
+  const RowMatrix<double> xs = clustered(40, 4, 5, 900);
+  CHECK(sh1.forward(xs, out).indices == sh2.forward(xs, o2).indices);
+  CHECK(out == o2);
+  CHECK_THROWS_WITH(vqkit::from_safetensors(sf, rvq3), Contains("shared is true in the checkpoint but false"));
 
   for (bool shared : {false, true}) {
     vqkit::GroupedVQConfig gc;
@@ -605,6 +728,23 @@ TEST_CASE("family checkpoints: files round trip and continue bit-identically; ba
     const RowMatrix<double> x = clustered(30, 6, 4, 700);
     CHECK(g1.forward(x, out).indices == g2.forward(x, o2).indices);
     CHECK(g1.head(1).codebook() == g2.head(1).codebook());
+  }
+
+  {  // grouped residual: its own format, the residual heads nested
+    vqkit::GroupedResidualVQConfig gc;
+    gc.groups = 2;
+    gc.head.levels = 2;
+    gc.head.level = small_vq(8, 3, 6);
+    vqkit::GroupedResidualVQ<double> g1(gc), g2(gc);
+    for (int s = 0; s < 4; ++s) g1.forward(clustered(30, 6, 4, 610 + s), out);
+    vqkit::save_checkpoint(dir + "/grvq.safetensors", g1);
+    vqkit::load_checkpoint(dir + "/grvq.safetensors", g2);
+    const RowMatrix<double> x = clustered(30, 6, 4, 710);
+    CHECK(g1.forward(x, out).indices == g2.forward(x, o2).indices);
+    CHECK(out == o2);
+    CHECK(g2.head(1).level(1).codebook() == g1.head(1).level(1).codebook());
+    CHECK_THROWS_WITH(vqkit::load_checkpoint(dir + "/gvq.safetensors", g2),
+                      Contains("not a vqkit.grouped_residual_vq checkpoint"));
   }
 
   vqkit::FsqConfig fcfg;

@@ -3,11 +3,16 @@
 // VectorQuantizer format (the same function names, overloaded).
 //
 // ResidualVQ ("format": "vqkit.residual_vq") and GroupedVQ
-// ("vqkit.grouped_vq") hold each level / head as a complete VectorQuantizer
-// checkpoint with the prefix "level.<l>." / "head.<g>." on its tensors and
-// metadata, plus their own config keys (levels, quantize_dropout,
-// dropout_min_levels, seed / groups, shared) and, for ResidualVQ, its
-// "rng.state" [4] U64 and "training" [] I64.
+// ("vqkit.grouped_vq") hold each codebook's quantizer (a shared one once, as
+// level 0 / head 0) as a complete VectorQuantizer checkpoint with the prefix
+// "level.<l>." / "head.<g>." on its tensors and metadata, plus their own
+// config keys (levels, quantize_dropout, dropout_min_levels, seed, shared /
+// groups, shared) and, for ResidualVQ, its "rng.state" [4] U64 and
+// "training" [] I64. A ResidualVQ file without "shared" (written before it
+// existed) has separate codebooks. GroupedResidualVQ
+// ("vqkit.grouped_residual_vq") nests each head's complete ResidualVQ
+// checkpoint under "head.<g>." (so a level's tensors read
+// "head.<g>.level.<l>.codes").
 // FSQ ("vqkit.fsq") and LFQ ("vqkit.lfq") hold their config as metadata and
 // "usage.steps_since_used", "usage.used_since_reset" [K] I64, "step",
 // "training" [] I64.
@@ -43,9 +48,10 @@ inline void put_meta(safetensors::File& f, const char* format, const Meta& meta)
 }
 
 /// Format, version and config keys of f against the layer's; throws naming
-/// the first difference.
+/// the first difference. A key in `older` that the file lacks (it predates
+/// the key) reads as the value given there.
 inline void check(const safetensors::File& f, const char* format, const Meta& meta,
-                  const std::string& where) {
+                  const std::string& where, const Meta& older = {}) {
   const std::string got = ckpt::meta_or(f, "format", "");
   VQKIT_REQUIRE(got == format, where.c_str(), "not a ", format, " checkpoint (metadata 'format' is '",
                 safetensors::detail::clip(got), "')");
@@ -53,7 +59,10 @@ inline void check(const safetensors::File& f, const char* format, const Meta& me
   VQKIT_REQUIRE(v == version, where.c_str(), "unsupported checkpoint version '",
                 safetensors::detail::clip(v), "'; this vqkit reads version ", version);
   for (const auto& [k, mine] : meta) {
-    const std::string theirs = ckpt::meta_or(f, k, "(missing)");
+    std::string absent = "(missing)";
+    for (const auto& [ok, ov] : older)
+      if (ok == k) absent = ov;
+    const std::string theirs = ckpt::meta_or(f, k, absent);
     VQKIT_REQUIRE(theirs == mine, where.c_str(), k, " is ", safetensors::detail::clip(theirs),
                   " in the checkpoint but ", mine, " in this layer");
   }
@@ -75,16 +84,23 @@ inline safetensors::File part(const safetensors::File& f, const std::string& pre
   return out;
 }
 
+template <class T, class B>
+void restore_part(const safetensors::File& f, VectorQuantizer<T, B>& q, const std::string& where) {
+  ckpt::restore(f, q, where);
+}
+template <class T, class B>
+void restore_part(const safetensors::File& f, ResidualVQ<T, B>& q, const std::string& where);
+
 /// Each quantizer's state read from its nested checkpoint (through a scratch
-/// VectorQuantizer with its config, which checks everything).
+/// quantizer with its config, which checks everything).
 template <class Q>
 std::vector<typename Q::State> nested_states(const safetensors::File& f, const char* prefix,
                                              const std::vector<const Q*>& qs, const std::string& where) {
   std::vector<typename Q::State> out;
   for (std::size_t i = 0; i < qs.size(); ++i) {
     Q scratch(qs[i]->config(), qs[i]->backend());
-    ckpt::restore(part(f, prefix + std::to_string(i) + "."), scratch,
-                  where + " " + prefix + std::to_string(i));
+    restore_part(part(f, prefix + std::to_string(i) + "."), scratch,
+                 where + " " + prefix + std::to_string(i));
     out.push_back(scratch.state());
   }
   return out;
@@ -134,9 +150,11 @@ inline Meta meta(const ResidualVQConfig& c) {
   return {{"levels", fmt(std::int64_t(c.levels))},
           {"quantize_dropout", fmt(c.quantize_dropout)},
           {"dropout_min_levels", fmt(std::int64_t(c.dropout_min_levels))},
-          {"seed", ckpt::format_value(c.seed)}};
+          {"seed", ckpt::format_value(c.seed)},
+          {"shared", fmt(c.shared)}};
 }
-inline Meta meta(const GroupedVQConfig& c) {
+template <class HeadConfig>
+Meta meta(const GroupedConfig<HeadConfig>& c) {
   return {{"groups", fmt(std::int64_t(c.groups))}, {"shared", fmt(c.shared)}};
 }
 
@@ -144,6 +162,8 @@ template <class T, class B>
 constexpr const char* format_of(const ResidualVQ<T, B>*) { return "vqkit.residual_vq"; }
 template <class T, class B>
 constexpr const char* format_of(const GroupedVQ<T, B>*) { return "vqkit.grouped_vq"; }
+template <class T, class B>
+constexpr const char* format_of(const GroupedResidualVQ<T, B>*) { return "vqkit.grouped_residual_vq"; }
 template <class T>
 constexpr const char* format_of(const FSQ<T>*) { return "vqkit.fsq"; }
 template <class T>
@@ -168,7 +188,7 @@ safetensors::File to_safetensors(const ResidualVQ<T, B>& q) {
   const auto s = q.state();
   f.tensors["rng.state"] = safetensors::from_vector(std::vector<std::uint64_t>(s.rng.begin(), s.rng.end()));
   f.tensors["training"] = safetensors::from_scalar<std::int64_t>(s.training ? 1 : 0);
-  for (Index l = 0; l < q.num_levels(); ++l)
+  for (Index l = 0; l < q.codebooks(); ++l)  // (shared: the one quantizer, as level.0)
     fc::nest(f, "level." + std::to_string(l) + ".", to_safetensors(q.level(l)));
   return f;
 }
@@ -177,38 +197,46 @@ template <class T, class B>
 void from_safetensors(const safetensors::File& f, ResidualVQ<T, B>& q,
                       const std::string& where = "from_safetensors(ResidualVQ)") {
   namespace fc = detail::family_ckpt;
-  fc::check(f, "vqkit.residual_vq", fc::meta(q.config()), where);
+  // (files written before the shared codebook existed have separate ones)
+  fc::check(f, "vqkit.residual_vq", fc::meta(q.config()), where, {{"shared", "false"}});
   typename ResidualVQ<T, B>::State s;
   const Vector<std::uint64_t> rng = detail::ckpt::read_vector<std::uint64_t>(f, "rng.state", 4, where);
   VQKIT_REQUIRE(rng.any(), where.c_str(), "tensor 'rng.state' is all zeros (not a valid xoshiro256** state)");
   std::vector<const VectorQuantizer<T, B>*> levels;
-  for (Index l = 0; l < q.num_levels(); ++l) levels.push_back(&q.level(l));
+  for (Index l = 0; l < q.codebooks(); ++l) levels.push_back(&q.level(l));
   s.levels = fc::nested_states(f, "level.", levels, where);
   for (Index i = 0; i < 4; ++i) s.rng[static_cast<std::size_t>(i)] = rng[i];
   s.training = detail::ckpt::read_flag(f, "training", where);
   q.set_state(std::move(s));
 }
 
-// ---- GroupedVQ --------------------------------------------------------------------------
-
+namespace detail::family_ckpt {
 template <class T, class B>
-safetensors::File to_safetensors(const GroupedVQ<T, B>& q) {
+void restore_part(const safetensors::File& f, ResidualVQ<T, B>& q, const std::string& where) {
+  from_safetensors(f, q, where);
+}
+}  // namespace detail::family_ckpt
+
+// ---- GroupedVQ, GroupedResidualVQ -------------------------------------------------------
+
+template <class T, class B, class H>
+safetensors::File to_safetensors(const GroupedVQ<T, B, H>& q) {
   namespace fc = detail::family_ckpt;
   safetensors::File f;
-  fc::put_meta(f, "vqkit.grouped_vq", fc::meta(q.config()));
+  fc::put_meta(f, fc::format_of(&q), fc::meta(q.config()));
   const Index heads = q.config().shared ? 1 : q.groups();
   for (Index g = 0; g < heads; ++g) fc::nest(f, "head." + std::to_string(g) + ".", to_safetensors(q.head(g)));
   return f;
 }
 
-template <class T, class B>
-void from_safetensors(const safetensors::File& f, GroupedVQ<T, B>& q,
+template <class T, class B, class H>
+void from_safetensors(const safetensors::File& f, GroupedVQ<T, B, H>& q,
                       const std::string& where = "from_safetensors(GroupedVQ)") {
   namespace fc = detail::family_ckpt;
-  fc::check(f, "vqkit.grouped_vq", fc::meta(q.config()), where);
-  std::vector<const VectorQuantizer<T, B>*> heads;
+  fc::check(f, fc::format_of(&q), fc::meta(q.config()), where);
+  std::vector<const H*> heads;
   for (Index g = 0; g < (q.config().shared ? 1 : q.groups()); ++g) heads.push_back(&q.head(g));
-  typename GroupedVQ<T, B>::State s;
+  typename GroupedVQ<T, B, H>::State s;
   s.heads = fc::nested_states(f, "head.", heads, where);
   q.set_state(std::move(s));
 }

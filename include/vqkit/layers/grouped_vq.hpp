@@ -9,54 +9,90 @@
 //     head vectors, i.e. the row-major N x D batch read as (N G) x d, so its
 //     statistics, bank and k-means see every head.
 // Gradients are each head's, side by side. Indices are N x G (-1 for padded
-// rows). Grouped residual quantization is the composition: a ResidualVQ per
-// head is a GroupedVQ of ResidualVQs (not wrapped here).
+// rows).
+//
+// Grouped residual quantization is the same class with ResidualVQ heads:
+// GroupedResidualVQ<T> = GroupedVQ<T, cpu, ResidualVQ<T>>, configured by a
+// GroupedResidualVQConfig whose `head` is a ResidualVQConfig (head.level.dim
+// = D / G). Each head is then a Q-level residual stack (shared: one stack
+// over the N G head vectors); indices are N x (G Q), head g's levels in
+// columns g Q .. g Q + Q - 1. Head g's quantizers are seeded apart: level
+// seeds + g Q, dropout seed + g.
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "vqkit/core/row_mask.hpp"
 #include "vqkit/layers/quantizer_surface.hpp"
+#include "vqkit/layers/residual_vq.hpp"
 #include "vqkit/layers/vector_quantizer.hpp"
 
 namespace vqkit {
 
-struct GroupedVQConfig {
-  Index groups = 2;             ///< G
-  bool shared = false;          ///< one codebook for every head
-  VectorQuantizerConfig head;   ///< a head's quantizer (head.dim = d = D / G)
+namespace detail {
+// What GroupedVQ needs to know of its heads' config, for each kind of head.
+inline Index head_dim(const VectorQuantizerConfig& c) { return c.dim; }
+inline Index head_dim(const ResidualVQConfig& c) { return c.level.dim; }
+/// Index columns per head.
+inline Index head_codes(const VectorQuantizerConfig&) { return 1; }
+inline Index head_codes(const ResidualVQConfig& c) { return c.levels; }
+/// Head g's config: its own seeds.
+inline VectorQuantizerConfig head_config(VectorQuantizerConfig c, Index g) {
+  c.seed += std::uint64_t(g);
+  return c;
+}
+inline ResidualVQConfig head_config(ResidualVQConfig c, Index g) {
+  c.level.seed += std::uint64_t(g) * std::uint64_t(c.levels);
+  c.seed += std::uint64_t(g);
+  return c;
+}
+inline double total_loss(const VqLoss& l) { return l.total; }
+inline double total_loss(double l) { return l; }
+}  // namespace detail
 
-  Index dim() const { return groups * head.dim; }
+template <class HeadConfig>
+struct GroupedConfig {
+  Index groups = 2;       ///< G
+  bool shared = false;    ///< one quantizer for every head
+  HeadConfig head;        ///< a head's quantizer (its dim = d = D / G)
+
+  Index dim() const { return groups * detail::head_dim(head); }
   void validate() const {
     VQKIT_REQUIRE(groups >= 1, "GroupedVQConfig", "groups must be >= 1, got ", groups);
     head.validate();
   }
 };
+using GroupedVQConfig = GroupedConfig<VectorQuantizerConfig>;
+using GroupedResidualVQConfig = GroupedConfig<ResidualVQConfig>;
 
-template <class T, class Backend = cpu>
-class GroupedVQ : public detail::QuantizerSurface<GroupedVQ<T, Backend>, T> {
+template <class T, class Backend = cpu, class HeadQuantizer = VectorQuantizer<T, Backend>>
+class GroupedVQ
+    : public detail::QuantizerSurface<GroupedVQ<T, Backend, HeadQuantizer>, T> {
  public:
   static constexpr const char* name = "GroupedVQ::forward";
-  using Head = VectorQuantizer<T, Backend>;
+  using Head = HeadQuantizer;
+  using HeadConfig = std::remove_cvref_t<decltype(std::declval<const Head&>().config())>;
+  using Config = GroupedConfig<HeadConfig>;
   struct Context {
     std::vector<typename Head::Context> head;  ///< G contexts, or 1 when shared
-    IndexMatrix indices;                        ///< N x G
-    double loss = 0;                            ///< sum of the heads' loss.total (shared: its one)
+    IndexMatrix indices;                        ///< N x (G codes per head)
+    double loss = 0;                            ///< sum of the heads' losses (shared: its one)
   };
 
-  explicit GroupedVQ(const GroupedVQConfig& cfg, Backend backend = {}) : cfg_((cfg.validate(), cfg)) {
+  explicit GroupedVQ(const Config& cfg, Backend backend = {}) : cfg_((cfg.validate(), cfg)) {
     const Index n = cfg.shared ? 1 : cfg.groups;
-    for (Index g = 0; g < n; ++g) {
-      VectorQuantizerConfig c = cfg.head;
-      c.seed = cfg.head.seed + std::uint64_t(g);
-      heads_.emplace_back(c, backend);
-    }
+    heads_.reserve(std::size_t(n));
+    for (Index g = 0; g < n; ++g) heads_.emplace_back(detail::head_config(cfg.head, g), backend);
   }
 
-  const GroupedVQConfig& config() const { return cfg_; }
+  const Config& config() const { return cfg_; }
   Index dim() const { return cfg_.dim(); }
   Index groups() const { return cfg_.groups; }
+  /// Index columns per head (1, or a residual head's levels).
+  Index codes_per_head() const { return detail::head_codes(cfg_.head); }
   /// Head g's quantizer (shared: the one quantizer for every g).
   Head& head(Index g) { return heads_.at(cfg_.shared ? 0 : std::size_t(g)); }
   const Head& head(Index g) const { return heads_.at(cfg_.shared ? 0 : std::size_t(g)); }
@@ -69,7 +105,7 @@ class GroupedVQ : public detail::QuantizerSurface<GroupedVQ<T, Backend>, T> {
   // quantizer_surface.hpp.
 
   void backward(const Context& ctx, ConstMatrixRef<T> dout, RowMatrix<T>* dx) {
-    const Index N = ctx.indices.rows(), d = cfg_.head.dim, G = groups();
+    const Index N = ctx.indices.rows(), d = head_dim(), G = groups();
     VQKIT_REQUIRE(dout.rows() == 0 || (dout.rows() == N && dout.cols() == dim()),
                   "GroupedVQ::backward", "dout is ", dout.rows(), "x", dout.cols(), ", expected ",
                   N, "x", dim());
@@ -90,35 +126,45 @@ class GroupedVQ : public detail::QuantizerSurface<GroupedVQ<T, Backend>, T> {
   }
 
   /// The worst health verdict of the heads.
-  static Health health(const Context& ctx) { return detail::worst_health(ctx.head); }
+  static Health health(const Context& ctx) {
+    if constexpr (std::is_same_v<Head, VectorQuantizer<T, Backend>>) {
+      return detail::worst_health(ctx.head);
+    } else {
+      Health h = Health::healthy;
+      for (const auto& c : ctx.head) h = std::max(h, Head::health(c));
+      return h;
+    }
+  }
 
-  /// N x G indices (eval semantics, no state change).
+  /// N x (G codes per head) indices (eval semantics, no state change).
   IndexMatrix encode(ConstMatrixRef<T> x) const {
     detail::require_batch(x, dim(), "GroupedVQ::encode", "x");
-    const Index N = x.rows(), d = cfg_.head.dim, G = groups();
-    IndexMatrix idx(N, G);
+    const Index N = x.rows(), d = head_dim(), G = groups(), w = codes_per_head();
     if (cfg_.shared) {
-      const IndexVector flat = heads_[0].encode(as_heads(x));
-      return Eigen::Map<const IndexMatrix>(flat.data(), N, G);
+      const auto flat = heads_[0].encode(as_heads(x));  // (N G) x w, row-major
+      return Eigen::Map<const IndexMatrix>(flat.data(), N, G * w);
     }
     detail::require_finite(x, "GroupedVQ::encode", "x");
+    IndexMatrix idx(N, G * w);
     for (Index g = 0; g < G; ++g)
-      idx.col(g) = heads_[std::size_t(g)].encode(RowMatrix<T>(x.middleCols(g * d, d)));
+      idx.middleCols(g * w, w) = heads_[std::size_t(g)].encode(RowMatrix<T>(x.middleCols(g * d, d)));
     return idx;
   }
 
   RowMatrix<T> decode(const IndexMatrix& indices) const {
-    const Index N = indices.rows(), d = cfg_.head.dim, G = groups();
-    VQKIT_REQUIRE(indices.cols() == G, "GroupedVQ::decode", "indices have ", indices.cols(),
-                  " columns, expected one per head (", G, ")");
-    RowMatrix<T> out(N, dim());
+    const Index N = indices.rows(), d = head_dim(), G = groups(), w = codes_per_head();
+    VQKIT_REQUIRE(indices.cols() == G * w, "GroupedVQ::decode", "indices have ", indices.cols(),
+                  " columns, expected ", w, " per head (", G * w, ")");
+    using HeadIndices = std::remove_cvref_t<decltype(std::declval<const Context&>().head[0].indices)>;
     if (cfg_.shared) {
-      const IndexVector flat = Eigen::Map<const IndexVector>(indices.data(), N * G);
+      const HeadIndices flat = Eigen::Map<const IndexMatrix>(indices.data(), N * G, w);
       const RowMatrix<T> q = heads_[0].decode(flat);
       return Eigen::Map<const RowMatrix<T>>(q.data(), N, dim());
     }
-    std::vector<RowMatrix<T>> parts(static_cast<std::size_t>(G));
-    for (Index g = 0; g < G; ++g) heads_[std::size_t(g)].decode(IndexVector(indices.col(g)), parts[std::size_t(g)]);
+    std::vector<RowMatrix<T>> parts(static_cast<std::size_t>(G));  // every head checks first
+    for (Index g = 0; g < G; ++g)
+      parts[std::size_t(g)] = heads_[std::size_t(g)].decode(HeadIndices(indices.middleCols(g * w, w)));
+    RowMatrix<T> out(N, dim());
     for (Index g = 0; g < G; ++g) out.middleCols(g * d, d) = parts[std::size_t(g)];
     return out;
   }
@@ -138,19 +184,21 @@ class GroupedVQ : public detail::QuantizerSurface<GroupedVQ<T, Backend>, T> {
   }
 
  private:
-  friend class detail::QuantizerSurface<GroupedVQ<T, Backend>, T>;
+  friend class detail::QuantizerSurface<GroupedVQ<T, Backend, HeadQuantizer>, T>;
+
+  Index head_dim() const { return detail::head_dim(cfg_.head); }
 
   /// The batch's head vectors, (N G) x d, over the same memory.
   Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>> as_heads(ConstMatrixRef<T> x) const {
     VQKIT_REQUIRE(x.outerStride() == x.cols() || x.rows() <= 1, "GroupedVQ", "the batch's rows must be contiguous");
-    return {x.data(), x.rows() * groups(), cfg_.head.dim, Eigen::OuterStride<>(cfg_.head.dim)};
+    return {x.data(), x.rows() * groups(), head_dim(), Eigen::OuterStride<>(head_dim())};
   }
 
   void run(ConstMatrixRef<T> x, const RowMask* mask, RowMatrix<T>& out, Context& ctx) {
     constexpr const char* where = "GroupedVQ::forward";
     detail::require_batch(x, dim(), where, "x");
-    const Index N = x.rows(), d = cfg_.head.dim, G = groups();
-    ctx.indices.resize(N, G);
+    const Index N = x.rows(), d = head_dim(), G = groups(), w = codes_per_head();
+    ctx.indices.resize(N, G * w);
     ctx.loss = 0;
     if (cfg_.shared) {
       ctx.head.resize(1);
@@ -162,8 +210,8 @@ class GroupedVQ : public detail::QuantizerSurface<GroupedVQ<T, Backend>, T> {
         heads_[0].forward(as_heads(x), hout_, ctx.head[0]);
       }
       out = Eigen::Map<const RowMatrix<T>>(hout_.data(), N, dim());
-      ctx.indices = Eigen::Map<const IndexMatrix>(ctx.head[0].indices.data(), N, G);
-      ctx.loss = ctx.head[0].loss.total;
+      ctx.indices = Eigen::Map<const IndexMatrix>(ctx.head[0].indices.data(), N, G * w);
+      ctx.loss = detail::total_loss(ctx.head[0].loss);
       return;
     }
     // Separate heads: every head's input is checked before any head learns.
@@ -178,15 +226,19 @@ class GroupedVQ : public detail::QuantizerSurface<GroupedVQ<T, Backend>, T> {
       else
         heads_[std::size_t(g)].forward(hin_, hout_, c);
       out.middleCols(g * d, d) = hout_;
-      ctx.indices.col(g) = c.indices;
-      ctx.loss += c.loss.total;
+      ctx.indices.middleCols(g * w, w) = c.indices;
+      ctx.loss += detail::total_loss(c.loss);
     }
   }
 
-  GroupedVQConfig cfg_;
+  Config cfg_;
   std::vector<Head> heads_;
   RowMatrix<T> hin_, hout_, hgrad_;  ///< a head's buffers (reused)
   RowMask hmask_;
 };
+
+/// Grouped residual quantization: G heads, each a ResidualVQ (see above).
+template <class T, class Backend = cpu>
+using GroupedResidualVQ = GroupedVQ<T, Backend, ResidualVQ<T, Backend>>;
 
 }  // namespace vqkit

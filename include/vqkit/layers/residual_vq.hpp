@@ -1,13 +1,21 @@
 // vqkit/layers/residual_vq.hpp - residual vector quantization (SoundStream,
 // EnCodec, DAC; faiss::ResidualQuantizer for retrieval codes).
 //
-// Q levels, each a VectorQuantizer with its own codebook, quantize what the
-// previous levels left over:
+// Q levels quantize what the previous levels left over:
 //   r_0 = x,  q_l = VQ_l(r_l),  r_{l+1} = r_l - q_l,  out = sum_l q_l.
-// Each level is a whole VectorQuantizer: its own EMA (or gradient) codebook,
-// memory bank of *its* residuals, k-means init and refine over that bank,
-// dead-code policy, metrics and health; level l's config is `level` with
-// seed + l. Nothing of VectorQuantizer is repeated here.
+// Separate codebooks (shared = false, the default): each level is a whole
+// VectorQuantizer, with its own EMA (or gradient) codebook, memory bank of
+// *its* residuals, k-means init and refine over that bank, dead-code policy,
+// metrics and health; level l's config is `level` with seed + l.
+// One shared codebook (shared = true, as vector-quantize-pytorch's
+// shared_codebook): one VectorQuantizer (config `level`) quantizes every
+// level's residuals, a forward call per level, so each level's batch is a
+// step of it: the EMA update, usage counters, dead-code clock and memory
+// bank advance Q times per batch (dead_after, usage_window and the EMA
+// warm-up count level calls), level l+1 searches the codes level l's update
+// moved, and the bank mixes the residuals of every level, so its k-means
+// fits all their scales. Q codes then cost one codebook's memory.
+// Nothing of VectorQuantizer is repeated here.
 //
 // Gradients (straight-through over the whole stack, with the residuals'
 // earlier codes held constant, r_l = x - sum_{m<l} sg(q_m)):
@@ -23,8 +31,7 @@
 // Indices are an N x Q IndexMatrix, -1 for a level that did not run or a
 // padded row. A row mask (core/row_mask.hpp) is passed to every level.
 // Input checks (shape, finiteness of the real rows, mask length) come before
-// any level runs, so a rejected batch changes nothing. Not built: one
-// codebook shared by all levels (its EMA update would see Q batches a step).
+// any level runs, so a rejected batch changes nothing.
 #pragma once
 
 #include <cstdint>
@@ -39,7 +46,8 @@ namespace vqkit {
 
 struct ResidualVQConfig {
   Index levels = 8;                 ///< Q
-  VectorQuantizerConfig level;      ///< every level's config (level l: seed + l)
+  VectorQuantizerConfig level;      ///< every level's config (level l: seed + l; shared: as is)
+  bool shared = false;              ///< one codebook for every level
   bool quantize_dropout = false;    ///< training only
   Index dropout_min_levels = 1;     ///< fewest levels a dropout batch runs
   std::uint64_t seed = 0;           ///< the dropout draws
@@ -69,8 +77,8 @@ class ResidualVQ : public detail::QuantizerSurface<ResidualVQ<T, Backend>, T> {
 
   explicit ResidualVQ(const ResidualVQConfig& cfg, Backend backend = {})
       : cfg_((cfg.validate(), cfg)), rng_(cfg.seed) {
-    levels_.reserve(std::size_t(cfg.levels));
-    for (Index l = 0; l < cfg.levels; ++l) {
+    levels_.reserve(std::size_t(codebooks()));
+    for (Index l = 0; l < codebooks(); ++l) {
       VectorQuantizerConfig c = cfg.level;
       c.seed = cfg.level.seed + std::uint64_t(l);
       levels_.emplace_back(c, backend);
@@ -78,10 +86,14 @@ class ResidualVQ : public detail::QuantizerSurface<ResidualVQ<T, Backend>, T> {
   }
 
   const ResidualVQConfig& config() const { return cfg_; }
+  const Backend& backend() const { return levels_.front().backend(); }
   Index dim() const { return cfg_.level.dim; }
   Index num_levels() const { return cfg_.levels; }
-  Level& level(Index l) { return levels_.at(std::size_t(l)); }
-  const Level& level(Index l) const { return levels_.at(std::size_t(l)); }
+  /// Distinct codebooks: Q, or 1 when shared.
+  Index codebooks() const { return cfg_.shared ? 1 : cfg_.levels; }
+  /// Level l's quantizer (shared: the one quantizer of every level).
+  Level& level(Index l) { return levels_.at(slot(l)); }
+  const Level& level(Index l) const { return levels_.at(slot(l)); }
   void train(bool on = true) {
     training_ = on;
     for (auto& q : levels_) q.train(on);
@@ -100,7 +112,7 @@ class ResidualVQ : public detail::QuantizerSurface<ResidualVQ<T, Backend>, T> {
                   N, "x", dim());
     const RowMatrix<T> none(0, dim());
     for (std::size_t l = 0; l < ctx.level.size(); ++l) {
-      levels_[l].backward(ctx.level[l], none, dx ? &grad_ : nullptr);
+      level(Index(l)).backward(ctx.level[l], none, dx ? &grad_ : nullptr);
       if (!dx) continue;
       if (l == 0) {
         *dx = grad_;
@@ -121,8 +133,8 @@ class ResidualVQ : public detail::QuantizerSurface<ResidualVQ<T, Backend>, T> {
     RowMatrix<T> r = x, q;
     IndexVector col;
     for (Index l = 0; l < num_levels(); ++l) {
-      levels_[std::size_t(l)].encode(r, col);
-      levels_[std::size_t(l)].decode(col, q);
+      level(l).encode(r, col);
+      level(l).decode(col, q);
       r -= q;
       idx.col(l) = col;
     }
@@ -135,7 +147,7 @@ class ResidualVQ : public detail::QuantizerSurface<ResidualVQ<T, Backend>, T> {
                   indices.cols(), " columns, expected one per level (", num_levels(), ")");
     std::vector<RowMatrix<T>> parts(static_cast<std::size_t>(num_levels()));
     for (Index l = 0; l < num_levels(); ++l)  // every level checks its column before any sum
-      levels_[std::size_t(l)].decode(IndexVector(indices.col(l)), parts[std::size_t(l)]);
+      level(l).decode(IndexVector(indices.col(l)), parts[std::size_t(l)]);
     RowMatrix<T> out = RowMatrix<T>::Zero(indices.rows(), dim());
     for (const auto& p : parts) out += p;
     return out;
@@ -145,7 +157,7 @@ class ResidualVQ : public detail::QuantizerSurface<ResidualVQ<T, Backend>, T> {
   static Health health(const Context& ctx) { return detail::worst_health(ctx.level); }
 
   struct State {
-    std::vector<typename Level::State> levels;
+    std::vector<typename Level::State> levels;  ///< one per codebook (shared: one)
     Rng::State rng{};
     bool training = true;
   };
@@ -184,9 +196,9 @@ class ResidualVQ : public detail::QuantizerSurface<ResidualVQ<T, Backend>, T> {
     for (Index l = 0; l < ctx.active; ++l) {
       auto& c = ctx.level[std::size_t(l)];
       if (mask)
-        levels_[std::size_t(l)].forward(residual_, *mask, q_, c);
+        level(l).forward(residual_, *mask, q_, c);
       else
-        levels_[std::size_t(l)].forward(residual_, q_, c);
+        level(l).forward(residual_, q_, c);
       out += q_;
       residual_ -= q_;
       ctx.indices.col(l) = c.indices;
@@ -194,8 +206,14 @@ class ResidualVQ : public detail::QuantizerSurface<ResidualVQ<T, Backend>, T> {
     }
   }
 
+  std::size_t slot(Index l) const {
+    VQKIT_REQUIRE(l >= 0 && l < cfg_.levels, "ResidualVQ::level", "level ", l, " is outside [0, ",
+                  cfg_.levels, ")");
+    return cfg_.shared ? 0 : std::size_t(l);
+  }
+
   ResidualVQConfig cfg_;
-  std::vector<Level> levels_;
+  std::vector<Level> levels_;  ///< codebooks() quantizers
   Rng rng_;
   bool training_ = true;
   RowMatrix<T> residual_, q_, grad_;  ///< a step's buffers (reused)
