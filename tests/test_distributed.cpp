@@ -155,6 +155,75 @@ TEST_CASE("three ranks with uneven slices match one process", "[distributed]") {
   CHECK(test::run_difference(runs[0], ref, 1e-6) == "");
 }
 
+TEST_CASE("masked batches under a reducer match one process given the whole batch and mask",
+          "[distributed][mask]") {
+  // Padded rows (NaN on even steps) are in no statistic; at step 5 the last
+  // rank's slice has no real row (it still takes part), at step 6 no rank
+  // has one (nothing changes); step 4 has a NaN real row (every rank skips).
+  auto sc = test::reinit_scenario();
+  sc.masked = true;
+  const auto ref = test::train<double>(sc, nullptr);
+  REQUIRE(ref.steps[0].data_initialized);
+  REQUIRE(ref.state.reinits >= 1);
+  REQUIRE(ref.state.skipped == 1);
+  REQUIRE(ref.steps[6].batch_rows == 0);
+  for (int P : {2, 3}) {
+    INFO(P << " ranks");
+    const auto runs = train_ranks<double>(sc, P);
+    for (int r = 1; r < P; ++r)
+      CHECK(test::state_difference<double>(runs[0].state, runs[std::size_t(r)].state) == "");
+    CHECK(test::run_difference(runs[0], ref, 1e-6) == "");
+    for (int s = 0; s < sc.steps; ++s) {
+      if (s == 4) continue;  // skipped: no indices
+      INFO("step " << s);
+      IndexVector all(0);
+      double distortion = 0;
+      for (const auto& run : runs) {
+        all.conservativeResize(all.size() + run.indices[std::size_t(s)].size());
+        all.tail(run.indices[std::size_t(s)].size()) = run.indices[std::size_t(s)];
+        distortion += run.distortion[std::size_t(s)];
+      }
+      CHECK(all == ref.indices[std::size_t(s)]);  // -1 on the padded rows
+      CHECK(distortion == Approx(ref.distortion[std::size_t(s)]).epsilon(1e-9));
+    }
+  }
+  // After the all-padded step 6 the reference's step counter did not move.
+  CHECK(ref.state.step == sc.steps - 2);  // (steps 4, skipped, and 6 did not count)
+}
+
+TEST_CASE("a masked slice's bad mask makes every rank throw and changes nothing",
+          "[distributed][mask][errors]") {
+  auto cfg = test::reinit_scenario().cfg;
+  cfg.non_finite = NonFinitePolicy::reject;
+  std::vector<std::string> msg(2), nan_msg(2), unchanged(2);
+  run_ranks(2, [&](Reducer& r) {
+    const auto me = std::size_t(r.rank());
+    VectorQuantizer<double> vq(cfg, cpu{1});
+    vq.set_reducer(&r);
+    RowMatrix<double> q;
+    VectorQuantizer<double>::Context ctx;
+    for (int s = 0; s < 3; ++s)
+      vq.forward(test::gaussian<double>(50, 8, 10 * me + s), RowMask::Constant(50, true), q, ctx);
+    vq.sync_memory_bank();
+    const auto before = vq.state();
+    RowMatrix<double> x = test::gaussian<double>(50, 8, 99 + me);
+    msg[me] = message_of([&] { vq.forward(x, RowMask::Constant(me == 0 ? 49 : 50, true), q, ctx); });
+    RowMask m = RowMask::Constant(50, true);
+    m[3] = false;
+    x(3, 0) = std::numeric_limits<double>::quiet_NaN();  // padded: fine
+    if (me == 1) x(9, 4) = std::numeric_limits<double>::infinity();  // real: rejected
+    nan_msg[me] = message_of([&] { vq.forward(x, m, q, ctx); });
+    vq.sync_memory_bank();
+    unchanged[me] = test::state_difference<double>(before, vq.state());
+  });
+  CHECK_THAT(msg[0], Catch::Contains("the row mask has 49 entries, the batch 50 rows"));
+  CHECK_THAT(msg[1], Catch::Contains("rank 0 rejected its slice"));
+  CHECK_THAT(nan_msg[1], Catch::Contains("non-finite value (inf) at row 9, column 4"));
+  CHECK_THAT(nan_msg[0], Catch::Contains("rank 1 rejected its slice"));
+  CHECK(unchanged[0] == "");
+  CHECK(unchanged[1] == "");
+}
+
 TEST_CASE("the replace policy with a bank smaller than the batch matches one process",
           "[distributed]") {
   const auto sc = test::replace_scenario();

@@ -12,6 +12,7 @@
 #include <utility>
 #include <vector>
 
+#include <vqkit/core/row_mask.hpp>
 #include <vqkit/distributed/reducer.hpp>
 #include <vqkit/layers/vector_quantizer.hpp>
 
@@ -24,7 +25,18 @@ struct Scenario {
   int steps = 30;
   Index rows = 96;     ///< rows of the whole batch per step
   int nan_step = -1;   ///< step whose last row holds a NaN (the last rank's slice)
+  bool masked = false; ///< train with scenario_mask's row masks
 };
+
+/// The row mask of step s of a masked scenario: about one row in five
+/// padded; at step 5 the second half of the batch (the last rank's slice,
+/// whole, for 2 or 3 ranks), at step 6 every row.
+inline RowMask scenario_mask(const Scenario& sc, int s) {
+  RowMask m(sc.rows);
+  for (Index i = 0; i < sc.rows; ++i)
+    m[i] = s == 6 ? false : s == 5 ? i < sc.rows / 2 : (i * 7 + s) % 5 != 0;
+  return m;
+}
 
 /// Gaussian batches; steps 8-13 are narrow (most codes die, so the
 /// kmeans_reinit policy fires); every third step is shifted (codes on the
@@ -35,6 +47,11 @@ RowMatrix<T> scenario_batch(const Scenario& sc, int s) {
   RowMatrix<T> x = gaussian<T>(sc.rows, sc.cfg.dim, 1000 + std::uint64_t(s), narrow ? 0.02 : 1.0);
   if (s % 3 == 2) x.col(0).array() += T(3);
   if (s == sc.nan_step) x(sc.rows - 1, 1) = std::numeric_limits<T>::quiet_NaN();
+  if (sc.masked && s % 2 == 0) {  // padded rows may hold anything
+    const RowMask m = scenario_mask(sc, s);
+    for (Index i = 0; i < sc.rows; ++i)
+      if (!m[i]) x(i, 0) = std::numeric_limits<T>::quiet_NaN();
+  }
   return x;
 }
 
@@ -56,6 +73,10 @@ template <class T>
 struct Run {
   typename VectorQuantizer<T>::State state;
   std::vector<StepRecord> steps;
+  // masked scenarios: each step's indices (of the rank's slice) and its
+  // squared distance over the real rows (the loss's distortion times their count)
+  std::vector<IndexVector> indices;
+  std::vector<double> distortion;
 };
 
 /// Trains one quantizer on the scenario: the whole batch without a reducer,
@@ -70,7 +91,15 @@ Run<T> train(const Scenario& sc, Reducer* reducer) {
     const RowMatrix<T> x = scenario_batch<T>(sc, s);
     Index first = 0, count = sc.rows;
     if (reducer) std::tie(first, count) = slice_of(sc.rows, reducer->rank(), reducer->size());
-    const auto ctx = vq.forward(x.middleRows(first, count), q);
+    typename VectorQuantizer<T>::Context ctx;
+    if (sc.masked) {
+      const RowMask m = scenario_mask(sc, s).segment(first, count);
+      vq.forward(x.middleRows(first, count), m, q, ctx);
+      run.indices.push_back(ctx.indices);
+      run.distortion.push_back(ctx.loss.distortion * double(m.count()));
+    } else {
+      ctx = vq.forward(x.middleRows(first, count), q);
+    }
     StepRecord r;
     r.data_initialized = ctx.data_initialized;
     r.reinitialized = ctx.reinitialized;

@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <utility>
 
 #include "vqkit/core/random.hpp"
 #include "vqkit/core/types.hpp"
@@ -57,6 +58,13 @@ class BatchSync {
   /// itself, so this returns true.
   bool begin_step(ConstMatrixRef<T> x, Index dim, bool reject_non_finite, const char* where) {
     return dp_ ? dp_->begin_step(x, dim, reject_non_finite, where) : true;
+  }
+  /// Under a reducer: the same with the slice's own check (DataParallel's
+  /// begin_step), returning the whole batch's row count and finiteness.
+  template <class Check>
+  typename DataParallel<T>::StepStart begin_step(Check&& check, const char* where) {
+    VQKIT_REQUIRE(dp_.has_value(), where, "begin_step(check) needs a reducer");
+    return dp_->begin_step(std::forward<Check>(check), where);
   }
 
   /// The rows enter the memory bank (under a reducer, as row ids; the rows

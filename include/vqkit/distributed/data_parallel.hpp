@@ -69,29 +69,55 @@ class DataParallel {
   /// whether every slice is finite (false only when non-finite slices are
   /// skipped, i.e. !reject_non_finite).
   bool begin_step(ConstMatrixRef<T> x, Index dim, bool reject_non_finite, const char* where) {
+    return begin_step(
+               [&] {
+                 require_batch(x, dim, where, "x");
+                 const bool finite = x.allFinite();
+                 if (!finite && reject_non_finite) require_finite(x, where, "x");
+                 return SliceCheck{x.rows(), finite};
+               },
+               where)
+        .all_finite;
+  }
+
+  /// A slice's verdict: the rows it adds to the step and whether they are finite.
+  struct SliceCheck {
+    Index rows = 0;
+    bool finite = true;
+  };
+  struct StepStart {
+    bool all_finite = true;  ///< every rank's rows are finite
+    Index rows = 0;          ///< rows of the whole batch, over every rank
+  };
+  /// The same with the slice's own check: `check()` returns this rank's
+  /// SliceCheck (a masked slice: its real rows, possibly none) or throws a
+  /// vqkit::error, which every rank then throws.
+  template <class Check>
+  StepStart begin_step(Check&& check, const char* where) {
     const std::size_t P = std::size_t(r_->size()), me = std::size_t(r_->rank());
     std::string rejected;  // this rank's own message
-    bool finite = true;
+    SliceCheck mine;
     try {
-      require_batch(x, dim, where, "x");
-      finite = x.allFinite();
-      if (!finite && reject_non_finite) require_finite(x, where, "x");
+      mine = check();
     } catch (const error& e) {
       rejected = e.what();
     }
     // [rows of each rank | rejected by each rank | non-finite on each rank]
     std::vector<std::int64_t> v(3 * P, 0);
-    v[me] = rejected.empty() ? x.rows() : 0;
+    v[me] = rejected.empty() ? mine.rows : 0;
     v[P + me] = rejected.empty() ? 0 : 1;
-    v[2 * P + me] = finite ? 0 : 1;
+    v[2 * P + me] = mine.finite ? 0 : 1;
     r_->all_reduce_sum(std::span<std::int64_t>(v));
     if (!rejected.empty()) throw error(rejected);
     for (std::size_t q = 0; q < P; ++q)
       VQKIT_REQUIRE(v[P + q] == 0, where, "rank ", q,
                     " rejected its slice of the batch (every rank throws, so none waits for it)");
     step_rows_.assign(v.begin(), v.begin() + std::ptrdiff_t(P));
-    return std::all_of(v.begin() + std::ptrdiff_t(2 * P), v.end(),
-                       [](std::int64_t bad) { return bad == 0; });
+    StepStart start;
+    start.all_finite = std::all_of(v.begin() + std::ptrdiff_t(2 * P), v.end(),
+                                   [](std::int64_t bad) { return bad == 0; });
+    for (std::size_t q = 0; q < P; ++q) start.rows += Index(v[q]);
+    return start;
   }
 
   /// After begin_step: records the rows of every rank in the id bank, with

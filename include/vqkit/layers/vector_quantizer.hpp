@@ -254,6 +254,14 @@ class VectorQuantizer {
     detail::require_batch(x, cfg_.dim, where, "x");
     // A rejected batch leaves ctx untouched, like the layer.
     if (cfg_.non_finite == NonFinitePolicy::reject) detail::require_finite(x, where, "x");
+    run_step(x, all_finite, quantized, ctx);
+  }
+
+ private:
+  /// The step after the batch's checks (and, under a reducer, begin_step).
+  /// x may have 0 rows only under a reducer: a rank whose masked slice has
+  /// no real row still takes part in the step's collectives.
+  void run_step(ConstMatrixRef<T> x, bool all_finite, RowMatrix<T>& quantized, Context& ctx) {
     ctx.loss = VqLoss{};
     ctx.metrics = CodebookMetrics{};
     ctx.training = training_;
@@ -291,7 +299,7 @@ class VectorQuantizer {
     SearchMode mode;
     mode.precision = cfg_.search_precision;
     mode.workspace = &search_ws_;  // (the CPU kernel's scratch; other backends ignore it)
-    nearest_code<T>(backend_, codes_, x, ctx.indices, nullptr, search, nullptr, mode);
+    if (N > 0) nearest_code<T>(backend_, codes_, x, ctx.indices, nullptr, search, nullptr, mode);
     quantized.resize(N, cfg_.dim);
     for (Index i = 0; i < N; ++i) quantized.row(i) = codes_.row(ctx.indices[i]);
     ctx.residual.resize(N, cfg_.dim);
@@ -300,12 +308,15 @@ class VectorQuantizer {
       ctx.rotation_q = quantized;
     else
       ctx.rotation_q.resize(0, cfg_.dim);
-    ctx.loss = vq_loss<T>(backend_, ctx.residual, cfg_.loss);
+    if (N > 0) ctx.loss = vq_loss<T>(backend_, ctx.residual, cfg_.loss);  // (else 0: no rows)
 
     Vector<T>& counts = stats_.counts;
     double lag = 0;
     if (training_ && cfg_.update == CodebookUpdate::ema) {
-      if constexpr (std::is_same_v<Backend, cpu>)
+      if (N == 0) {  // (a rank without real rows: it adds nothing to the reduction)
+        stats_.counts.setZero(K);
+        stats_.sums.setZero(K, cfg_.dim);
+      } else if constexpr (std::is_same_v<Backend, cpu>)
         cluster_stats<T>(backend_, x, ctx.indices, K, stats_, stats_ws_);
       else
         stats_ = cluster_stats<T>(backend_, x, ctx.indices, K);
@@ -342,28 +353,56 @@ class VectorQuantizer {
     if (training_) apply_dead_code_policy(ctx, rows);
   }
 
+ public:
   /// The same with a row mask (core/row_mask.hpp): only the real rows are
   /// quantized, counted, banked and in the loss, as if the batch held them
   /// alone; a padded row gets index -1 and a zero output row (and a zero
-  /// gradient in backward). A batch without a real row changes nothing. Not
-  /// under a reducer (the step is a collective there). Gathers the real rows
-  /// into the layer's buffers, so it is not allocation-free.
+  /// gradient in backward). A batch without a real row changes nothing.
+  /// Padded rows may hold anything (NaN too). Under a reducer a training
+  /// step stays a collective: every rank calls it with its slice and the
+  /// slice's mask, and the step is that of one process given the real rows of
+  /// every slice, in rank order (a rank whose slice has no real row still
+  /// takes part; a batch without a real row on any rank changes nothing).
+  /// Gathers the real rows into the layer's buffers, so it is not
+  /// allocation-free.
   void forward(ConstMatrixRef<T> x, const RowMask& mask, RowMatrix<T>& quantized, Context& ctx) {
     constexpr const char* where = "VectorQuantizer::forward";
-    detail::require_batch(x, cfg_.dim, where, "x");
-    detail::require_mask(mask, x.rows(), where);
-    VQKIT_REQUIRE(!sync_.distributed(), where, "row masks are not supported under a reducer");
-    mask_.select(mask);
-    if (mask_.size() == x.rows()) return forward(x, quantized, ctx);
-    if (mask_.size() == 0) {
+    const bool reject = cfg_.non_finite == NonFinitePolicy::reject;
+    bool all_finite = true;
+    Index real_rows = 0;  // over every rank
+    if (training_ && sync_.distributed()) {
+      // Every rank's slice and mask checked together: if one is rejected
+      // every rank throws, if one has a non-finite real row all skip.
+      const auto start = sync_.begin_step(
+          [&] {
+            detail::require_batch(x, cfg_.dim, where, "x");
+            detail::require_mask(mask, x.rows(), where);
+            if (reject) detail::require_finite_rows<T>(x, &mask, where, "x");
+            mask_.select(mask);
+            mask_.gather(x, mask_.rows);
+            return typename detail::DataParallel<T>::SliceCheck{mask_.size(),
+                                                                detail::all_finite(mask_.rows)};
+          },
+          where);
+      all_finite = start.all_finite;
+      real_rows = start.rows;
+    } else {
+      detail::require_batch(x, cfg_.dim, where, "x");
+      detail::require_mask(mask, x.rows(), where);
+      if (reject) detail::require_finite_rows<T>(x, &mask, where, "x");
+      mask_.select(mask);
+      if (mask_.size() == x.rows()) return forward(x, quantized, ctx);
+      real_rows = mask_.size();
+      if (real_rows > 0) mask_.gather(x, mask_.rows);
+    }
+    if (real_rows == 0) {
       ctx = Context{};
       ctx.training = training_;
       ctx.indices.setConstant(x.rows(), -1);
       ctx.residual.resize(0, cfg_.dim);
       quantized.setZero(x.rows(), cfg_.dim);
     } else {
-      mask_.gather(x, mask_.rows);
-      forward(mask_.rows, mask_.scratch, ctx);
+      run_step(mask_.rows, all_finite, mask_.scratch, ctx);
       if (ctx.skipped) {  // (NonFinitePolicy::skip) the batch's outputs are empty
         quantized.resize(0, cfg_.dim);
         return;
@@ -439,7 +478,7 @@ class VectorQuantizer {
                     "the context does not come from this layer's forward");
       VQKIT_REQUIRE(dq.rows() == 0 || (dq.rows() == N && dq.cols() == cfg_.dim), where, "dq is ",
                     dq.rows(), "x", dq.cols(), ", expected ", N, "x", cfg_.dim);
-      if (n == 0) {
+      if (n == 0) {  // no real row: nothing to add to codebook_grad()
         if (dx) dx->setZero(N, cfg_.dim);
         return;
       }
