@@ -79,6 +79,7 @@ struct Options {
   int threads = 0;
   std::int64_t log_every = 10;
   std::string csv = "vq_train.csv";
+  std::string vq_config;          // JSON of VectorQuantizerConfig keys, applied over the flags
   bool help = false;
   // the quantizer family (quantizer_family.hpp)
   std::string quantizer = "vq";   // vq | rvq | grouped | fsq | lfq
@@ -155,6 +156,10 @@ void print_usage() {
       "  --log-every N             print a line every N steps, plus step 1, the last step\n"
       "                            and every k-means (re)initialisation (default 10)\n"
       "  --csv FILE                per-step CSV, '' for none (default vq_train.csv)\n"
+      "  --vq-config FILE          JSON object of VectorQuantizerConfig keys (any field, e.g.\n"
+      "                            {\"gradient_estimator\": \"rotation\", \"dead.replace_after\": 20};\n"
+      "                            docs/api.md), applied over the flags above; \"dim\" must\n"
+      "                            match the data (or --latent-dim with --autoencoder)\n"
       "  --help                    this text\n"
       "\n"
       "Verdict: the last step's codebook health (healthy / degraded / collapsed, from its\n"
@@ -234,6 +239,9 @@ Options parse_args(int argc, char** argv) {
       o.log_every = parse_int<std::int64_t>(flag, next(), 1, "an integer >= 1");
     } else if (flag == "--csv") {
       o.csv = next();
+    } else if (flag == "--vq-config") {
+      o.vq_config = next();
+      if (o.vq_config.empty()) bad_value(flag, o.vq_config, "a JSON file");
     } else if (flag == "--quantizer") {
       const std::string_view v = next();
       if (v != "vq" && v != "rvq" && v != "grouped" && v != "fsq" && v != "lfq")
@@ -427,11 +435,11 @@ int run(const Options& o) {
   Data data = load_data(o, mixture_seed);
   const double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
   const Matrix& X = data.x;
-  const Index n = X.rows(), D = X.cols(), K = o.codebook_size, N = o.batch;
+  const Index n = X.rows(), D = X.cols(), N = o.batch;
 
   vqkit::VectorQuantizerConfig cfg;
-  cfg.codebook_size = K;
-  cfg.dim = D;
+  cfg.codebook_size = o.codebook_size;
+  cfg.dim = o.autoencoder ? o.latent_dim : D;  // run_family sets the same
   cfg.metric = o.metric;
   cfg.search.metric = o.metric;  // the search reads SearchOptions::metric
   cfg.update = o.update;
@@ -440,18 +448,26 @@ int run(const Options& o) {
   cfg.loss.commitment_weight = o.commitment_weight;
   cfg.dead.policy = o.dead_policy;
   cfg.seed = o.seed;
+  if (!o.vq_config.empty()) {
+    const Index dim = cfg.dim;
+    cfg = vqkit::load_config_json(o.vq_config, cfg);
+    if (cfg.dim != dim)
+      throw UsageError("--vq-config: '" + o.vq_config + "' sets dim=" + std::to_string(cfg.dim) +
+                       ", but the code dimension is " + std::to_string(dim));
+  }
+  const Index K = cfg.codebook_size;
   const vqkit::cpu backend{o.threads};
   if (o.threads > 0) Eigen::setNbThreads(o.threads);
   if (o.quantizer != "vq" || o.autoencoder) return run_family(o, data, cfg, batch_seed);
   vqkit::VectorQuantizer<float> vq(cfg, backend);
   vq.train();
 
-  const bool gradient = o.update == vqkit::CodebookUpdate::gradient;
+  const bool gradient = cfg.update == vqkit::CodebookUpdate::gradient;
   double lr = o.lr;
   std::string lr_note;
   if (gradient && lr == 0) {
-    if (o.codebook_weight > 0) {
-      lr = kAutoLrFraction * double(K) * double(D) / (2.0 * o.codebook_weight);
+    if (cfg.loss.codebook_weight > 0) {
+      lr = kAutoLrFraction * double(K) * double(D) / (2.0 * cfg.loss.codebook_weight);
       lr_note = " (auto)";
     } else {
       lr_note = " (auto; --codebook-weight 0 gives the codebook no gradient, codes stay put)";
@@ -466,11 +482,11 @@ int run(const Options& o) {
               static_cast<long long>(K), static_cast<long long>(D), static_cast<long long>(N),
               static_cast<long long>(o.steps), static_cast<unsigned long long>(o.seed),
               backend.num_threads());
-  std::printf("  metric %s, update %s", vqkit::to_string(o.metric), vqkit::to_string(o.update));
+  std::printf("  metric %s, update %s", vqkit::to_string(cfg.metric), vqkit::to_string(cfg.update));
   if (gradient) std::printf(" (SGD, lr %g%s)", lr, lr_note.c_str());
-  else std::printf(" (decay %g)", o.decay);
+  else std::printf(" (decay %g)", cfg.ema.decay);
   std::printf(", loss weights codebook %g / commitment %g, dead-code policy %s\n",
-              o.codebook_weight, o.commitment_weight, vqkit::to_string(o.dead_policy));
+              cfg.loss.codebook_weight, cfg.loss.commitment_weight, vqkit::to_string(cfg.dead.policy));
   if (K > n)
     std::printf("  note: K=%lld exceeds the %lld rows of the data; some codes must stay unused\n",
                 static_cast<long long>(K), static_cast<long long>(n));

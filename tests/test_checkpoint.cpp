@@ -1,6 +1,7 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -11,8 +12,10 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 #include <vqkit/io/checkpoint.hpp>
+#include <vqkit/io/config_json.hpp>
 
 #include "test_util.hpp"
 
@@ -128,6 +131,47 @@ template <class T>
 void train(VectorQuantizer<T>& vq, int first, int last) {
   RowMatrix<T> q;
   for (int s = first; s <= last; ++s) vq.forward(batch<T>(s), q);
+}
+
+/// A valid config with every field away from its default (checked in "the
+/// config's JSON ...").
+VectorQuantizerConfig every_field_changed() {
+  VectorQuantizerConfig c;
+  c.codebook_size = 300;
+  c.dim = 7;
+  c.metric = Metric::cosine;
+  c.update = CodebookUpdate::gradient;
+  c.ema.decay = 0.1 + 0.2;  // 0.30000000000000004: needs all 17 digits
+  c.ema.eps = 1.0 / 3.0;
+  c.loss.codebook_weight = 1e-300;
+  c.loss.commitment_weight = 123456.789;
+  c.loss.reduction = Reduction::sum_over_dim;
+  c.dead.policy = DeadCodePolicy::none;
+  c.dead.dead_after = 9;
+  c.dead.check_every = 8;
+  c.dead.min_steps = 0;
+  c.dead.max_dead_fraction = 0.999;
+  c.dead.replace_threshold = 2.5;
+  c.dead.reinit_below_usage = 0.125;
+  c.dead.replace_after = 17;
+  c.dead.replace_from_steps = 3;
+  c.ema.warmup_decay = 0.5;
+  c.ema.warmup_steps = 1234;
+  c.init = InitMethod::normalized;
+  c.kmeans_iterations = 0;
+  c.kmeans_min_cluster_fraction = 0.0;
+  c.memory_bank_size = 301;
+  c.init_min_rows = 300;
+  c.refine_init = false;
+  c.usage_window = 77;
+  c.non_finite = NonFinitePolicy::skip;
+  c.seed = std::numeric_limits<std::uint64_t>::max();
+  c.search.metric = Metric::cosine;
+  c.search.row_block = 3;
+  c.search.code_block = 5;
+  c.search_precision = Precision::bf16_rerank;
+  c.gradient_estimator = GradientEstimator::rotation;
+  return c;
 }
 
 std::string error_of(const std::function<void()>& f) {
@@ -345,41 +389,7 @@ TEMPLATE_TEST_CASE("the checkpoint is a plain safetensors file", "[checkpoint][f
 }
 
 TEST_CASE("config metadata round-trips every field exactly", "[checkpoint][config]") {
-  VectorQuantizerConfig c;
-  c.codebook_size = 300;
-  c.dim = 7;
-  c.metric = Metric::cosine;
-  c.update = CodebookUpdate::gradient;
-  c.ema.decay = 0.1 + 0.2;  // 0.30000000000000004: needs all 17 digits
-  c.ema.eps = 1.0 / 3.0;
-  c.loss.codebook_weight = 1e-300;
-  c.loss.commitment_weight = 123456.789;
-  c.loss.reduction = Reduction::sum_over_dim;
-  c.dead.policy = DeadCodePolicy::none;
-  c.dead.dead_after = 9;
-  c.dead.check_every = 8;
-  c.dead.min_steps = 0;
-  c.dead.max_dead_fraction = 0.999;
-  c.dead.replace_threshold = 2.5;
-  c.dead.reinit_below_usage = 0.125;
-  c.dead.replace_after = 17;
-  c.dead.replace_from_steps = 3;
-  c.ema.warmup_decay = 0.5;
-  c.ema.warmup_steps = 1234;
-  c.init = InitMethod::normalized;
-  c.kmeans_iterations = 0;
-  c.kmeans_min_cluster_fraction = 0.0;
-  c.memory_bank_size = 301;
-  c.init_min_rows = 300;
-  c.refine_init = false;
-  c.usage_window = 77;
-  c.non_finite = NonFinitePolicy::skip;
-  c.seed = std::numeric_limits<std::uint64_t>::max();
-  c.search.metric = Metric::cosine;
-  c.search.row_block = 3;
-  c.search.code_block = 5;
-  c.search_precision = Precision::bf16_rerank;
-  c.gradient_estimator = GradientEstimator::rotation;
+  const VectorQuantizerConfig c = every_field_changed();
   const auto m = config_to_metadata(c);
   CHECK(m.size() == 34);
   CHECK(m.at("search_precision") == "bf16_rerank");
@@ -414,6 +424,125 @@ TEST_CASE("config metadata round-trips every field exactly", "[checkpoint][confi
   CHECK_THAT(with("metric", "manhattan"), Catch::Contains("'metric' has the value 'manhattan'"));
   CHECK_THAT(with("seed", "-1"), Catch::Contains("'seed' has the value '-1'"));
   CHECK_THAT(with("ema.decay", "1.5"), Catch::Contains("decay=1.5"));  // validate() runs
+}
+
+TEST_CASE("the config's JSON comes from its field list: every key, exact round trip, partial "
+          "overrides, bad keys and values named", "[checkpoint][config][json]") {
+  const VectorQuantizerConfig c = every_field_changed();
+  const auto j = config_to_json(c);
+  const auto d = config_to_json(VectorQuantizerConfig{});
+  // the same keys, in the same order, as the checkpoint metadata
+  const auto entries = detail::ckpt::config_entries(c);
+  REQUIRE(j.size() == entries.size());
+  Index i = 0;
+  for (auto it = j.begin(); it != j.end(); ++it, ++i) {
+    CHECK(it.key() == entries[std::size_t(i)].first);
+    CHECK(*it != d.at(it.key()));  // every_field_changed changes every field
+  }
+  CHECK(j.at("ema.decay").get<double>() == 0.1 + 0.2);
+  CHECK(j.at("seed").get<std::uint64_t>() == std::numeric_limits<std::uint64_t>::max());
+  CHECK(j.at("dead.policy") == "none");
+  CHECK(j.at("refine_init") == false);
+  // exact round trip, also through text
+  CHECK(config_to_metadata(config_from_json(j)) == config_to_metadata(c));
+  CHECK(config_to_metadata(config_from_json(nlohmann::json::parse(j.dump()))) ==
+        config_to_metadata(c));
+  // a partial object changes only its keys, on a copy of the base
+  const auto p = config_from_json(nlohmann::json::parse(R"({"ema.decay": 0.5, "dead.policy": "replace"})"), c);
+  auto expect = c;
+  expect.ema.decay = 0.5;
+  expect.dead.policy = DeadCodePolicy::replace;
+  CHECK(config_to_metadata(p) == config_to_metadata(expect));
+  CHECK(config_to_metadata(config_from_json(nlohmann::json::object(), c)) == config_to_metadata(c));
+
+  const auto bad = [&](const char* text) {
+    return error_of([&] { config_from_json(nlohmann::json::parse(text), c); });
+  };
+  CHECK_THAT(bad(R"({"ema.decai": 0.5})"),
+             Catch::Contains("unknown key 'ema.decai'") && Catch::Contains("known keys: codebook_size") &&
+                 Catch::Contains("ema.decay"));
+  CHECK_THAT(bad(R"([1, 2])"), Catch::Contains("expected a JSON object"));
+  CHECK_THAT(bad(R"({"ema.decay": "0.5"})"), Catch::Contains(R"(ema.decay="0.5" must be a number)"));
+  CHECK_THAT(bad(R"({"dim": 7.5})"), Catch::Contains("dim=7.5 must be an integer"));
+  CHECK_THAT(bad(R"({"kmeans_iterations": 3000000000})"),
+             Catch::Contains("kmeans_iterations=3000000000 must be an integer in [-2147483648, 2147483647]"));
+  CHECK_THAT(bad(R"({"seed": -1})"), Catch::Contains("seed=-1 must be an integer in [0, "));
+  CHECK_THAT(bad(R"({"refine_init": 1})"), Catch::Contains("refine_init=1 must be true or false"));
+  CHECK_THAT(bad(R"({"gradient_estimator": "rotate"})"),
+             Catch::Contains(R"(gradient_estimator="rotate" must be one of straight_through, rotation)"));
+  CHECK_THAT(bad(R"({"ema.decay": 1.5})"),
+             Catch::Contains("VectorQuantizerConfig: ema.decay must lie in (0, 1), got ema.decay=1.5"));
+  // the checks that tie fields together run too (on the default base: k-means init)
+  CHECK_THAT(error_of([] { config_from_json(nlohmann::json::parse(R"({"memory_bank_size": 10})")); }),
+             Catch::Contains("memory_bank_size (10) must be >= init_min_rows (2048)"));
+
+  // from a file: errors name it
+  TempDir dir;
+  const std::string path = dir / "vq.json";
+  {
+    std::ofstream(path) << R"({"codebook_size": 64, "gradient_estimator": "rotation"})";
+  }
+  const auto f = load_config_json(path);
+  CHECK(f.codebook_size == 64);
+  CHECK(f.gradient_estimator == GradientEstimator::rotation);
+  CHECK(f.dim == VectorQuantizerConfig{}.dim);
+  {
+    std::ofstream(path) << R"({"codebook_size": 64,})";
+  }
+  CHECK_THAT(error_of([&] { load_config_json(path); }),
+             Catch::Contains("invalid JSON in '" + path + "'"));
+  {
+    std::ofstream(path) << R"({"usage_window": 0})";
+  }
+  CHECK_THAT(error_of([&] { load_config_json(path); }),
+             Catch::Contains("'" + path + "'") && Catch::Contains("usage_window must be >= 1"));
+}
+
+TEST_CASE("validation messages come from the field list: each bounded field outside its range "
+          "is refused by name", "[checkpoint][config]") {
+  // The field list's own ranges, walked: a value just outside each finite
+  // end (and NaN for floats) must be refused, naming the key and the value.
+  Index bounded = 0;
+  VectorQuantizerConfig probe;
+  visit_config(probe, [&](const FieldKey& key, const auto& v, const FieldRange& range) {
+    using V = std::remove_cvref_t<decltype(v)>;
+    if constexpr (std::is_arithmetic_v<V> && !std::is_same_v<V, bool>) {
+      if (range.any) return;
+      ++bounded;
+      std::vector<double> outside;
+      if (std::isfinite(range.lo)) outside.push_back(range.lo_open ? range.lo : range.lo - 1);
+      if (std::isfinite(range.hi)) outside.push_back(range.hi_open ? range.hi : range.hi + 1);
+      if constexpr (std::is_floating_point_v<V>) outside.push_back(std::nan(""));
+      for (const double x : outside) {
+        VectorQuantizerConfig c;
+        visit_config(c, [&](const FieldKey& k, auto& field) {
+          if constexpr (std::is_same_v<std::remove_cvref_t<decltype(field)>, V>)
+            if (k == key.str()) field = static_cast<V>(x);
+        });
+        INFO(key << " = " << x);
+        CHECK_THAT(error_of([&] { c.validate(); }),
+                   Catch::Contains("VectorQuantizerConfig: " + key.str() + " must") &&
+                       Catch::Contains("got " + key.str() + "="));
+      }
+    }
+  });
+  CHECK(bounded == 23);
+  // A few ranges spelled out independently of the list.
+  const auto msg = [](auto edit) {
+    VectorQuantizerConfig c;
+    edit(c);
+    return error_of([&] { c.validate(); });
+  };
+  CHECK_THAT(msg([](auto& c) { c.ema.eps = 0; }), Catch::Contains("ema.eps must be > 0, got ema.eps=0"));
+  CHECK_THAT(msg([](auto& c) { c.kmeans_min_cluster_fraction = 1.5; }),
+             Catch::Contains("kmeans_min_cluster_fraction must lie in [0, 1], got kmeans_min_cluster_fraction=1.5"));
+  CHECK_THAT(msg([](auto& c) { c.dead.max_dead_fraction = 1; }),
+             Catch::Contains("dead.max_dead_fraction must lie in [0, 1), got dead.max_dead_fraction=1"));
+  CHECK_THAT(msg([](auto& c) { c.search.row_block = 0; }),
+             Catch::Contains("search.row_block must be >= 1, got search.row_block=0"));
+  CHECK_THAT(msg([](auto& c) { c.loss.commitment_weight = std::numeric_limits<double>::infinity(); }),
+             Catch::Contains("loss.commitment_weight must be finite, got loss.commitment_weight=inf"));
+  CHECK(msg([](auto&) {}) == "no exception");
 }
 
 TEST_CASE("a mismatched checkpoint is rejected, naming the difference, and changes nothing",

@@ -74,8 +74,12 @@ TEST_CASE("loss gradients match central finite differences", "[loss]") {
 TEST_CASE("loss options reject negative or non-finite weights", "[loss][errors]") {
   LossOptions o;
   o.codebook_weight = -0.25;
-  CHECK_THROWS_WITH(o.validate("cfg"), Catch::Contains("codebook_weight must be finite and >= 0, got -0.25"));
+  CHECK_THROWS_WITH(o.validate("cfg"),
+                    Catch::Contains("cfg: codebook_weight must be >= 0, got codebook_weight=-0.25"));
   o.codebook_weight = 0.25;
   o.commitment_weight = std::numeric_limits<double>::infinity();
-  CHECK_THROWS_WITH(o.validate("cfg"), Catch::Contains("commitment_weight"));
+  CHECK_THROWS_WITH(o.validate("cfg"),
+                    Catch::Contains("commitment_weight must be finite, got commitment_weight=inf"));
+  o.commitment_weight = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(o.validate("cfg"), Catch::Contains("commitment_weight must be finite"));
 }

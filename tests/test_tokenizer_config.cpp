@@ -221,6 +221,41 @@ TEST_CASE("config JSON: unknown keys, wrong types and bad values are rejected by
   CHECK_FALSE(fs::exists(dir / "x.json"));
 }
 
+TEST_CASE("config JSON: the \"quantizer\" object sets any quantizer field by its key, last") {
+  const auto c = TokenizerConfig::parse(
+      R"({"ema_decay": 0.9, "quantizer": {"gradient_estimator": "rotation", "ema.decay": 0.95,)"
+      R"( "non_finite": "skip", "dead.max_dead_fraction": 0.25}})");
+  const auto q = c.quantizer_config();
+  CHECK(q.gradient_estimator == GradientEstimator::rotation);
+  CHECK(q.ema.decay == 0.95);  // wins over ema_decay
+  CHECK(q.non_finite == NonFinitePolicy::skip);
+  CHECK(q.dead.max_dead_fraction == 0.25);
+  CHECK(q.codebook_size == c.codebook_size);  // the flat keys still apply
+  auto without = c;
+  without.quantizer = nlohmann::ordered_json::object();
+  CHECK(without.quantizer_config().ema.decay == 0.9);
+  CHECK(without.quantizer_config().gradient_estimator == GradientEstimator::straight_through);
+  CHECK_FALSE(without.to_json().contains("quantizer"));  // empty: not written
+  CHECK(c.to_json().contains("quantizer"));
+  // round trips
+  CHECK(TokenizerConfig::from_json(c.to_json()) == c);
+  TempDir dir;
+  c.save(dir / "q.json");
+  CHECK(TokenizerConfig::load(dir / "q.json") == c);
+
+  const auto bad = [](const std::string& text) { return TokenizerConfig::parse(text); };
+  CHECK_THROWS_WITH(bad(R"({"quantizer": 3})"), Contains("quantizer=3 must be a JSON object"));
+  CHECK_THROWS_WITH(bad(R"({"quantizer": {"codebook_size": 8}})"),
+                    Contains("quantizer.codebook_size is refused") && Contains("top-level codebook_size"));
+  CHECK_THROWS_WITH(bad(R"({"quantizer": {"dim": 8}})"), Contains("top-level code_dim"));
+  CHECK_THROWS_WITH(bad(R"({"quantizer": {"bogus": 1}})"),
+                    Contains("TokenizerConfig: quantizer") && Contains("unknown key 'bogus'"));
+  CHECK_THROWS_WITH(bad(R"({"quantizer": {"ema.decay": 2}})"),
+                    Contains("ema.decay must lie in (0, 1), got ema.decay=2"));
+  CHECK_THROWS_WITH(bad(R"({"quantizer": {"init": "random"}})"),
+                    Contains(R"(init="random" must be one of kmeans, normalized)"));
+}
+
 // ----------------------------------------------------------- progress ---
 
 TEST_CASE("progress line: bar, rate, ETA and metrics") {

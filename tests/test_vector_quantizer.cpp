@@ -272,7 +272,8 @@ TEST_CASE("bad input is rejected with a clear message and no state change", "[vq
 
   auto bad = small_config();
   bad.codebook_size = 0;
-  CHECK_THROWS_WITH(VectorQuantizer<float>(bad), Catch::Contains("K=0"));
+  CHECK_THROWS_WITH(VectorQuantizer<float>(bad),
+                    Catch::Contains("codebook_size must be >= 1, got codebook_size=0"));
   bad = small_config();
   bad.ema.decay = 1.5;
   CHECK_THROWS_WITH(VectorQuantizer<float>(bad), Catch::Contains("decay=1.5"));
@@ -280,7 +281,7 @@ TEST_CASE("bad input is rejected with a clear message and no state change", "[vq
   CHECK_THROWS_WITH(VectorQuantizer<float>(bad), Catch::Contains("decay=0"));
   bad = small_config();
   bad.dim = 0;
-  CHECK_THROWS_WITH(VectorQuantizer<float>(bad), Catch::Contains("D=0"));
+  CHECK_THROWS_WITH(VectorQuantizer<float>(bad), Catch::Contains("dim must be >= 1, got dim=0"));
   bad = small_config();
   bad.memory_bank_size = 10;  // smaller than K = 32
   CHECK_THROWS_WITH(VectorQuantizer<float>(bad), Catch::Contains("memory_bank_size (10)"));
@@ -640,12 +641,16 @@ TEST_CASE("issue 16's config fields reject bad values, naming them", "[vq][error
     edit(c);
     CHECK_THROWS_WITH(VectorQuantizer<float>(c), Catch::Contains(text));
   };
-  fails([](auto& c) { c.dead.reinit_below_usage = 1.0; }, "reinit_below_usage must lie in [0, 1), got 1");
-  fails([](auto& c) { c.dead.reinit_below_usage = -0.1; }, "reinit_below_usage must lie in [0, 1)");
-  fails([](auto& c) { c.dead.replace_after = -2; }, "replace_after must be >= 0 (steps) or -1 (automatic), got -2");
-  fails([](auto& c) { c.dead.replace_from_steps = -1; }, "replace_from_steps must be >= 0, got -1");
-  fails([](auto& c) { c.ema.warmup_decay = 1.0; }, "warmup_decay must lie in (0, 1), got warmup_decay=1");
-  fails([](auto& c) { c.ema.warmup_steps = -5; }, "warmup_steps must be >= 0, got -5");
+  fails([](auto& c) { c.dead.reinit_below_usage = 1.0; },
+        "dead.reinit_below_usage must lie in [0, 1), got dead.reinit_below_usage=1");
+  fails([](auto& c) { c.dead.reinit_below_usage = -0.1; }, "dead.reinit_below_usage must lie in [0, 1)");
+  fails([](auto& c) { c.dead.replace_after = -2; },
+        "dead.replace_after must be >= 0 (steps) or -1 (automatic), got dead.replace_after=-2");
+  fails([](auto& c) { c.dead.replace_from_steps = -1; },
+        "dead.replace_from_steps must be >= 0, got dead.replace_from_steps=-1");
+  fails([](auto& c) { c.ema.warmup_decay = 1.0; },
+        "ema.warmup_decay must lie in (0, 1), got ema.warmup_decay=1");
+  fails([](auto& c) { c.ema.warmup_steps = -5; }, "ema.warmup_steps must be >= 0, got ema.warmup_steps=-5");
 }
 
 TEST_CASE("bank_staleness: the bank's oldest rows against the batch, in units of its spread", "[vq]") {

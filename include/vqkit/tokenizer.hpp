@@ -12,6 +12,7 @@
 #include "vqkit/io/atomic_file.hpp"
 #include "vqkit/io/checkpoint.hpp"
 #include "vqkit/io/codebook.hpp"
+#include "vqkit/io/config_json.hpp"
 #include "vqkit/io/npy.hpp"
 #include "vqkit/io/safetensors.hpp"
 #include "vqkit/io/vecs.hpp"

@@ -241,7 +241,7 @@ std::uint64_t fingerprint(const VQ& vq) {
   const auto& c = vq.config();
   // every field of the config (vector_quantizer.hpp's visit_config, found by
   // argument-dependent lookup) and the sizes its defaults imply
-  visit_config(c, [&](const char*, const auto& v) { f.values(v); });
+  visit_config(c, [&](const FieldKey&, const auto& v) { f.values(v); });
   f.values(c.bank_rows(), c.init_rows());
   f.matrix(vq.codebook());
   f.matrix(vq.ema_state().cluster_size);

@@ -127,7 +127,8 @@ constexpr bool state_covered = field_count<State>() == 18;
 // ---- config <-> strings -------------------------------------------------------
 
 // visit_config (vector_quantizer.hpp) lists the config's fields once for
-// the checkpoint keys here and the data-parallel fingerprint.
+// the checkpoint keys here, the validation messages, the data-parallel
+// fingerprint and the JSON form (io/config_json.hpp).
 using ::vqkit::visit_config;
 
 /// Config keys added after version 1's first release, with the value a
@@ -243,7 +244,7 @@ const char* value_kind() {
 inline std::vector<std::pair<std::string, std::string>> config_entries(
     const VectorQuantizerConfig& c) {
   std::vector<std::pair<std::string, std::string>> out;
-  visit_config(c, [&](const char* key, const auto& v) { out.emplace_back(key, format_value(v)); });
+  visit_config(c, [&](const FieldKey& key, const auto& v) { out.emplace_back(key.str(), format_value(v)); });
   return out;
 }
 
@@ -252,7 +253,7 @@ inline bool reserved_key(const std::string& key) {
   if (key == "format" || key == "version" || key == "scalar") return true;
   bool hit = false;
   VectorQuantizerConfig c;
-  visit_config(c, [&](const char* k, const auto&) { hit = hit || key == k; });
+  visit_config(c, [&](const FieldKey& k, const auto&) { hit = hit || k == key; });
   return hit;
 }
 
@@ -402,7 +403,8 @@ inline void check_format(const safetensors::File& f, const std::string& where) {
 /// number match.
 inline void check_config(const safetensors::File& f, const VectorQuantizerConfig& cfg,
                          const std::string& where) {
-  visit_config(cfg, [&](const char* key, const auto& mine) {
+  visit_config(cfg, [&](const FieldKey& k, const auto& mine) {
+    const std::string key = k.str();
     using V = std::decay_t<decltype(mine)>;
     const std::string mine_s = format_value(mine);
     const auto stored = stored_value(f.metadata, key);
@@ -513,7 +515,8 @@ inline VectorQuantizerConfig config_from_metadata(
     const std::map<std::string, std::string>& metadata) {
   constexpr const char* where = "config_from_metadata";
   VectorQuantizerConfig cfg;
-  detail::ckpt::visit_config(cfg, [&](const char* key, auto& field) {
+  detail::ckpt::visit_config(cfg, [&](const FieldKey& k, auto& field) {
+    const std::string key = k.str();
     using V = std::decay_t<decltype(field)>;
     const auto stored = detail::ckpt::stored_value(metadata, key);
     VQKIT_REQUIRE(stored.has_value(), where, "the metadata lacks the config key '", key, "'");

@@ -50,6 +50,7 @@
 
 #include "vqkit/core/backend.hpp"
 #include "vqkit/core/check.hpp"
+#include "vqkit/core/config_fields.hpp"
 #include "vqkit/core/random.hpp"
 #include "vqkit/core/row_mask.hpp"
 #include "vqkit/core/types.hpp"
@@ -110,24 +111,46 @@ struct VectorQuantizerConfig {
   /// code onto a single row (zero loss on that batch, low usage on the next).
   Index init_rows() const { return init_min_rows > 0 ? init_min_rows : 2 * codebook_size; }
 
+  /// The config's field list, written once: calls f(key, field, range) (or
+  /// f(key, field)) for every field in declaration order, nested ones keyed
+  /// "ema.decay", ... (core/config_fields.hpp). The validation messages
+  /// below, the checkpoint keys (io/checkpoint.hpp), the data-parallel
+  /// fingerprint (distributed/data_parallel.hpp) and the JSON form
+  /// (io/config_json.hpp) all come from it; a static_assert in checkpoint.hpp
+  /// fails when a field is added to the struct but not here.
+  template <class Self, class F>
+  static void visit_fields(Self& c, F&& f) {
+    using R = FieldRange;
+    detail::visit_field(f, {"", "codebook_size"}, c.codebook_size, R::at_least(1));
+    detail::visit_field(f, {"", "dim"}, c.dim, R::at_least(1));
+    detail::visit_field(f, {"", "metric"}, c.metric, R::unrestricted());
+    detail::visit_field(f, {"", "update"}, c.update, R::unrestricted());
+    EmaOptions::visit_fields(c.ema, f, "ema.");
+    LossOptions::visit_fields(c.loss, f, "loss.");
+    DeadCodeOptions::visit_fields(c.dead, f, "dead.");
+    detail::visit_field(f, {"", "init"}, c.init, R::unrestricted());
+    detail::visit_field(f, {"", "kmeans_iterations"}, c.kmeans_iterations, R::at_least(0));
+    detail::visit_field(f, {"", "kmeans_min_cluster_fraction"}, c.kmeans_min_cluster_fraction,
+                        R::closed(0, 1));
+    detail::visit_field(f, {"", "memory_bank_size"}, c.memory_bank_size, R::at_least(0));
+    detail::visit_field(f, {"", "init_min_rows"}, c.init_min_rows, R::at_least(0));
+    detail::visit_field(f, {"", "refine_init"}, c.refine_init, R::unrestricted());
+    detail::visit_field(f, {"", "usage_window"}, c.usage_window, R::at_least(1));
+    detail::visit_field(f, {"", "non_finite"}, c.non_finite, R::unrestricted());
+    detail::visit_field(f, {"", "seed"}, c.seed, R::unrestricted());
+    SearchOptions::visit_fields(c.search, f, "search.");
+    detail::visit_field(f, {"", "search_precision"}, c.search_precision, R::unrestricted());
+    detail::visit_field(f, {"", "gradient_estimator"}, c.gradient_estimator, R::unrestricted());
+  }
+
+  /// Every field in its range (the messages name the key and the value),
+  /// then the checks that tie fields together.
   void validate() const {
     constexpr const char* where = "VectorQuantizerConfig";
-    VQKIT_REQUIRE(codebook_size >= 1, where, "codebook_size must be >= 1, got K=", codebook_size);
+    visit_fields(*this, detail::field_checker(where));
     // bank_rows() defaults to 20 * K: keep that product in range.
     VQKIT_REQUIRE(codebook_size <= std::numeric_limits<Index>::max() / 20, where,
-                  "codebook_size is too large, got K=", codebook_size);
-    VQKIT_REQUIRE(dim >= 1, where, "dim must be >= 1, got D=", dim);
-    ema.validate(where);
-    loss.validate(where);
-    dead.validate(where);
-    VQKIT_REQUIRE(kmeans_iterations >= 0, where, "kmeans_iterations must be >= 0, got ",
-                  kmeans_iterations);
-    VQKIT_REQUIRE(kmeans_min_cluster_fraction >= 0.0 && kmeans_min_cluster_fraction <= 1.0, where,
-                  "kmeans_min_cluster_fraction must lie in [0, 1], got ",
-                  kmeans_min_cluster_fraction);
-    VQKIT_REQUIRE(memory_bank_size >= 0, where, "memory_bank_size must be >= 0, got ",
-                  memory_bank_size);
-    VQKIT_REQUIRE(init_min_rows >= 0, where, "init_min_rows must be >= 0, got ", init_min_rows);
+                  "codebook_size is too large, got codebook_size=", codebook_size);
     VQKIT_REQUIRE(init_rows() >= codebook_size, where, "init_min_rows (", init_rows(),
                   ") must be >= codebook_size (", codebook_size, ") for k-means");
     VQKIT_REQUIRE(bank_rows() >= init_rows() || init == InitMethod::normalized, where,
@@ -136,54 +159,14 @@ struct VectorQuantizerConfig {
     VQKIT_REQUIRE(bank_rows() >= codebook_size || dead.policy != DeadCodePolicy::kmeans_reinit,
                   where, "memory_bank_size (", bank_rows(),
                   ") must be >= codebook_size for the kmeans_reinit policy");
-    VQKIT_REQUIRE(usage_window >= 1, where, "usage_window must be >= 1, got ", usage_window);
-    VQKIT_REQUIRE(search.row_block >= 1 && search.code_block >= 1, where,
-                  "search blocks must be >= 1");
   }
 };
 
-/// The config's field list, written once: calls f(key, field) for every
-/// field in declaration order (nested ones as "ema.decay", ...). Config is
-/// VectorQuantizerConfig or const VectorQuantizerConfig. The checkpoint keys
-/// (io/checkpoint.hpp) and the data-parallel fingerprint
-/// (distributed/data_parallel.hpp) come from it; a static_assert in
-/// checkpoint.hpp fails when a field is added to the struct but not here.
+/// VectorQuantizerConfig's field list (VectorQuantizerConfig::visit_fields);
+/// Config is VectorQuantizerConfig or const VectorQuantizerConfig.
 template <class Config, class F>
 void visit_config(Config& c, F&& f) {
-  f("codebook_size", c.codebook_size);
-  f("dim", c.dim);
-  f("metric", c.metric);
-  f("update", c.update);
-  f("ema.decay", c.ema.decay);
-  f("ema.eps", c.ema.eps);
-  f("ema.warmup_decay", c.ema.warmup_decay);
-  f("ema.warmup_steps", c.ema.warmup_steps);
-  f("loss.codebook_weight", c.loss.codebook_weight);
-  f("loss.commitment_weight", c.loss.commitment_weight);
-  f("loss.reduction", c.loss.reduction);
-  f("dead.policy", c.dead.policy);
-  f("dead.dead_after", c.dead.dead_after);
-  f("dead.check_every", c.dead.check_every);
-  f("dead.min_steps", c.dead.min_steps);
-  f("dead.max_dead_fraction", c.dead.max_dead_fraction);
-  f("dead.replace_threshold", c.dead.replace_threshold);
-  f("dead.reinit_below_usage", c.dead.reinit_below_usage);
-  f("dead.replace_after", c.dead.replace_after);
-  f("dead.replace_from_steps", c.dead.replace_from_steps);
-  f("init", c.init);
-  f("kmeans_iterations", c.kmeans_iterations);
-  f("kmeans_min_cluster_fraction", c.kmeans_min_cluster_fraction);
-  f("memory_bank_size", c.memory_bank_size);
-  f("init_min_rows", c.init_min_rows);
-  f("refine_init", c.refine_init);
-  f("usage_window", c.usage_window);
-  f("non_finite", c.non_finite);
-  f("seed", c.seed);
-  f("search.metric", c.search.metric);
-  f("search.row_block", c.search.row_block);
-  f("search.code_block", c.search.code_block);
-  f("search_precision", c.search_precision);
-  f("gradient_estimator", c.gradient_estimator);
+  VectorQuantizerConfig::visit_fields(c, f);
 }
 
 template <class T, class Backend = cpu>

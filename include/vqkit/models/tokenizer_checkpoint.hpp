@@ -221,7 +221,7 @@ inline void check_config(const safetensors::File& f, const TokenizerConfig& mine
     const auto t = theirs.find(m.key());
     VQKIT_REQUIRE(t != theirs.end(), where.c_str(), "config key '", m.key(),
                   "' is missing from the checkpoint (this tokenizer has ", m.value().dump(), ")");
-    VQKIT_REQUIRE(*t == m.value(), where.c_str(), "config mismatch: ", m.key(), " is ",
+    VQKIT_REQUIRE(*t == nlohmann::json::parse(m.value().dump()), where.c_str(), "config mismatch: ", m.key(), " is ",
                   safetensors::detail::clip(t->dump()), " in the checkpoint but ",
                   m.value().dump(), " in this tokenizer");
   }

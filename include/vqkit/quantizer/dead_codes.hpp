@@ -42,6 +42,7 @@
 #include <string>
 #include <vector>
 
+#include "vqkit/core/config_fields.hpp"
 #include "vqkit/core/error.hpp"
 #include "vqkit/core/types.hpp"
 
@@ -94,20 +95,24 @@ struct DeadCodeOptions {
     return std::max<std::int64_t>(usage_window, std::int64_t(std::min(steps, 1e15)));
   }
 
-  void validate(const char* where) const {
-    VQKIT_REQUIRE(dead_after >= 1, where, "dead_after must be >= 1, got ", dead_after);
-    VQKIT_REQUIRE(check_every >= 1, where, "check_every must be >= 1, got ", check_every);
-    VQKIT_REQUIRE(min_steps >= 0, where, "min_steps must be >= 0, got ", min_steps);
-    VQKIT_REQUIRE(max_dead_fraction >= 0.0 && max_dead_fraction < 1.0, where,
-                  "max_dead_fraction must lie in [0, 1), got ", max_dead_fraction);
-    VQKIT_REQUIRE(replace_threshold >= 0.0, where, "replace_threshold must be >= 0, got ",
-                  replace_threshold);
-    VQKIT_REQUIRE(reinit_below_usage >= 0.0 && reinit_below_usage < 1.0, where,
-                  "reinit_below_usage must lie in [0, 1), got ", reinit_below_usage);
-    VQKIT_REQUIRE(replace_from_steps >= 0, where, "replace_from_steps must be >= 0, got ",
-                  replace_from_steps);
-    VQKIT_REQUIRE(replace_after >= -1, where,
-                  "replace_after must be >= 0 (steps) or -1 (automatic), got ", replace_after);
+  /// The field list (core/config_fields.hpp).
+  template <class Self, class F>
+  static void visit_fields(Self& o, F&& f, const char* prefix = "") {
+    using R = FieldRange;
+    detail::visit_field(f, {prefix, "policy"}, o.policy, R::unrestricted());
+    detail::visit_field(f, {prefix, "dead_after"}, o.dead_after, R::at_least(1));
+    detail::visit_field(f, {prefix, "check_every"}, o.check_every, R::at_least(1));
+    detail::visit_field(f, {prefix, "min_steps"}, o.min_steps, R::at_least(0));
+    detail::visit_field(f, {prefix, "max_dead_fraction"}, o.max_dead_fraction, R::closed_open(0, 1));
+    detail::visit_field(f, {prefix, "replace_threshold"}, o.replace_threshold, R::at_least(0));
+    detail::visit_field(f, {prefix, "reinit_below_usage"}, o.reinit_below_usage,
+                        R::closed_open(0, 1));
+    detail::visit_field(f, {prefix, "replace_after"}, o.replace_after,
+                        R::at_least(-1, "be >= 0 (steps) or -1 (automatic)"));
+    detail::visit_field(f, {prefix, "replace_from_steps"}, o.replace_from_steps, R::at_least(0));
+  }
+  void validate(const char* where, const char* prefix = "") const {
+    visit_fields(*this, detail::field_checker(where), prefix);
   }
 };
 

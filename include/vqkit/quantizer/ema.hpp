@@ -19,6 +19,7 @@
 
 #include "vqkit/core/backend.hpp"
 #include "vqkit/core/check.hpp"
+#include "vqkit/core/config_fields.hpp"
 #include "vqkit/core/types.hpp"
 #include "vqkit/quantizer/cluster_stats.hpp"
 
@@ -42,12 +43,16 @@ struct EmaOptions {
     return 1.0 - 1.0 / (m0 + (m1 - m0) * double(t) / double(warmup_steps));
   }
 
-  void validate(const char* where) const {
-    VQKIT_REQUIRE(decay > 0.0 && decay < 1.0, where, "decay must lie in (0, 1), got decay=", decay);
-    VQKIT_REQUIRE(eps > 0.0 && std::isfinite(eps), where, "eps must be > 0, got eps=", eps);
-    VQKIT_REQUIRE(warmup_decay > 0.0 && warmup_decay < 1.0, where,
-                  "warmup_decay must lie in (0, 1), got warmup_decay=", warmup_decay);
-    VQKIT_REQUIRE(warmup_steps >= 0, where, "warmup_steps must be >= 0, got ", warmup_steps);
+  /// The field list (core/config_fields.hpp).
+  template <class Self, class F>
+  static void visit_fields(Self& o, F&& f, const char* prefix = "") {
+    detail::visit_field(f, {prefix, "decay"}, o.decay, FieldRange::open(0, 1));
+    detail::visit_field(f, {prefix, "eps"}, o.eps, FieldRange::above(0));
+    detail::visit_field(f, {prefix, "warmup_decay"}, o.warmup_decay, FieldRange::open(0, 1));
+    detail::visit_field(f, {prefix, "warmup_steps"}, o.warmup_steps, FieldRange::at_least(0));
+  }
+  void validate(const char* where, const char* prefix = "") const {
+    visit_fields(*this, detail::field_checker(where), prefix);
   }
 };
 

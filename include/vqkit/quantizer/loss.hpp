@@ -23,6 +23,7 @@
 
 #include "vqkit/core/backend.hpp"
 #include "vqkit/core/check.hpp"
+#include "vqkit/core/config_fields.hpp"
 #include "vqkit/core/types.hpp"
 
 namespace vqkit {
@@ -36,11 +37,16 @@ struct LossOptions {
   double commitment_weight = 1.0;
   Reduction reduction = Reduction::mean;
 
-  void validate(const char* where) const {
-    VQKIT_REQUIRE(codebook_weight >= 0 && std::isfinite(codebook_weight), where,
-                  "codebook_weight must be finite and >= 0, got ", codebook_weight);
-    VQKIT_REQUIRE(commitment_weight >= 0 && std::isfinite(commitment_weight), where,
-                  "commitment_weight must be finite and >= 0, got ", commitment_weight);
+  /// The field list (core/config_fields.hpp).
+  template <class Self, class F>
+  static void visit_fields(Self& o, F&& f, const char* prefix = "") {
+    detail::visit_field(f, {prefix, "codebook_weight"}, o.codebook_weight, FieldRange::at_least(0));
+    detail::visit_field(f, {prefix, "commitment_weight"}, o.commitment_weight,
+                        FieldRange::at_least(0));
+    detail::visit_field(f, {prefix, "reduction"}, o.reduction, FieldRange::unrestricted());
+  }
+  void validate(const char* where, const char* prefix = "") const {
+    visit_fields(*this, detail::field_checker(where), prefix);
   }
   /// The divisor s of the reduction.
   double scale(Index N, Index D) const {

@@ -70,6 +70,7 @@
 
 #include "vqkit/core/backend.hpp"
 #include "vqkit/core/check.hpp"
+#include "vqkit/core/config_fields.hpp"
 #include "vqkit/core/simd.hpp"
 #include "vqkit/core/types.hpp"
 
@@ -115,6 +116,14 @@ struct SearchOptions {
   Metric metric = Metric::l2;
   Index row_block = 128;   ///< rows of x per tile (generic path; the AVX-512 kernel blocks itself)
   Index code_block = 512;  ///< codes per tile (generic path)
+
+  /// The field list (core/config_fields.hpp).
+  template <class Self, class F>
+  static void visit_fields(Self& o, F&& f, const char* prefix = "") {
+    detail::visit_field(f, {prefix, "metric"}, o.metric, FieldRange::unrestricted());
+    detail::visit_field(f, {prefix, "row_block"}, o.row_block, FieldRange::at_least(1));
+    detail::visit_field(f, {prefix, "code_block"}, o.code_block, FieldRange::at_least(1));
+  }
 };
 
 /// Per-call choices of a search (a trailing argument of nearest_code; not

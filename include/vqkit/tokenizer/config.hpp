@@ -77,10 +77,13 @@
 //
 // JSON: one object whose keys are the names above (flat). Optional key
 // "preset": "paper" or "small" picks the base (default "small"); the other
-// keys override it. from_json/load reject, naming the key and the value: an
+// keys override it. An optional object "quantizer" sets any other field of
+// the VectorQuantizerConfig by its key (io/config_json.hpp; applied last, see
+// the member). from_json/load reject, naming the key and the value: an
 // unknown key, a value of the wrong type (integers must be JSON integers;
 // booleans, strings, null are never numbers), and any value validate()
-// refuses. to_json/save write every key in the order above (no "preset"), so
+// refuses. to_json/save write every key in the order above (no "preset";
+// "quantizer" only when it is not empty), so
 // load(save(c)) == c. A config object is never left half-changed: parsing
 // builds a new one.
 #pragma once
@@ -97,6 +100,7 @@
 
 #include "vqkit/core/error.hpp"
 #include "vqkit/core/types.hpp"
+#include "vqkit/io/config_json.hpp"
 #include "vqkit/layers/vector_quantizer.hpp"
 #include "vqkit/lidar/voxelizer.hpp"
 
@@ -156,6 +160,12 @@ struct TokenizerConfig {
   double augment_yaw_deg = 180.0;
   double augment_flip = 0.5;
   std::uint64_t seed = 0;
+  /// Any VectorQuantizerConfig field by its key (io/config_json.hpp), e.g.
+  /// {"gradient_estimator": "rotation", "non_finite": "skip"}: applied after
+  /// the keys above, so a key here wins over what they derive. codebook_size
+  /// and dim are refused (codebook_size and code_dim size the network too).
+  /// Empty by default, and then not written by to_json.
+  nlohmann::ordered_json quantizer = nlohmann::ordered_json::object();
 
   static TokenizerConfig small() { return TokenizerConfig{}; }
   static TokenizerConfig paper() {
@@ -205,7 +215,8 @@ struct TokenizerConfig {
   /// The quantizer's config: K, D, the loss weights, EMA decay, dead-code
   /// policy (check period and warm-up capped at dead_code_after), memory bank
   /// (the k-means init waits for min(bank, 2 K) rows) and usage window from
-  /// here; the rest at VectorQuantizerConfig's defaults; seed = seed.
+  /// here; seed = seed; then the `quantizer` keys; the rest at
+  /// VectorQuantizerConfig's defaults.
   VectorQuantizerConfig quantizer_config() const {
     VectorQuantizerConfig q;
     q.codebook_size = codebook_size;
@@ -228,6 +239,7 @@ struct TokenizerConfig {
     q.usage_window = usage_window;
     q.search_precision = vq_search_precision == "bf16_rerank" ? Precision::bf16_rerank : Precision::fp32;
     q.seed = seed;
+    if (!quantizer.empty()) q = config_from_json(quantizer, q, "TokenizerConfig: quantizer");
     return q;
   }
 
@@ -329,6 +341,13 @@ struct TokenizerConfig {
                   w, "augment_yaw_deg=", augment_yaw_deg, " must lie in [0, 180]");
     VQKIT_REQUIRE(std::isfinite(augment_flip) && augment_flip >= 0 && augment_flip <= 1, w,
                   "augment_flip=", augment_flip, " must lie in [0, 1]");
+    VQKIT_REQUIRE(quantizer.is_object(), w, "quantizer=", quantizer.dump(),
+                  " must be a JSON object of VectorQuantizerConfig keys");
+    for (const char* sized : {"codebook_size", "dim"})
+      VQKIT_REQUIRE(!quantizer.contains(sized), w, "quantizer.", sized,
+                    " is refused: set the top-level ", sized == std::string("dim") ? "code_dim" : sized,
+                    " (it sizes the network too)");
+    if (!quantizer.empty()) (void)quantizer_config();  // its keys, types and values
   }
 
   // ---- JSON ----
@@ -393,6 +412,7 @@ struct TokenizerConfig {
         case Kind::text: j[f.name] = this->*(f.text); break;
       }
     }
+    if (!quantizer.empty()) j["quantizer"] = quantizer;
     return j;
   }
 
@@ -410,6 +430,12 @@ struct TokenizerConfig {
     for (auto it = j.begin(); it != j.end(); ++it) {
       const std::string& key = it.key();
       if (key == "preset") continue;
+      if (key == "quantizer") {
+        VQKIT_REQUIRE(it.value().is_object(), w, "quantizer=", it.value().dump(),
+                      " must be a JSON object of VectorQuantizerConfig keys");
+        c.quantizer = nlohmann::ordered_json::parse(it.value().dump());
+        continue;
+      }
       const Field* f = nullptr;
       for (const auto& g : fields())
         if (key == g.name) f = &g;
@@ -417,7 +443,7 @@ struct TokenizerConfig {
         std::string known;
         for (const auto& g : fields()) known += std::string(known.empty() ? "" : ", ") + g.name;
         detail::throw_error(w, "unknown key '", key, "' (value ", it.value().dump(),
-                            "); known keys: preset, ", known);
+                            "); known keys: preset, ", known, ", quantizer");
       }
       const auto& v = it.value();
       switch (f->kind) {
