@@ -17,6 +17,7 @@
 #include <vqkit/io/checkpoint.hpp>
 #include <vqkit/io/config_json.hpp>
 
+#include "field_ranges.hpp"
 #include "test_util.hpp"
 
 using namespace vqkit;
@@ -500,33 +501,8 @@ TEST_CASE("the config's JSON comes from its field list: every key, exact round t
 
 TEST_CASE("validation messages come from the field list: each bounded field outside its range "
           "is refused by name", "[checkpoint][config]") {
-  // The field list's own ranges, walked: a value just outside each finite
-  // end (and NaN for floats) must be refused, naming the key and the value.
-  Index bounded = 0;
-  VectorQuantizerConfig probe;
-  visit_config(probe, [&](const FieldKey& key, const auto& v, const FieldRange& range) {
-    using V = std::remove_cvref_t<decltype(v)>;
-    if constexpr (std::is_arithmetic_v<V> && !std::is_same_v<V, bool>) {
-      if (range.any) return;
-      ++bounded;
-      std::vector<double> outside;
-      if (std::isfinite(range.lo)) outside.push_back(range.lo_open ? range.lo : range.lo - 1);
-      if (std::isfinite(range.hi)) outside.push_back(range.hi_open ? range.hi : range.hi + 1);
-      if constexpr (std::is_floating_point_v<V>) outside.push_back(std::nan(""));
-      for (const double x : outside) {
-        VectorQuantizerConfig c;
-        visit_config(c, [&](const FieldKey& k, auto& field) {
-          if constexpr (std::is_same_v<std::remove_cvref_t<decltype(field)>, V>)
-            if (k == key.str()) field = static_cast<V>(x);
-        });
-        INFO(key << " = " << x);
-        CHECK_THAT(error_of([&] { c.validate(); }),
-                   Catch::Contains("VectorQuantizerConfig: " + key.str() + " must") &&
-                       Catch::Contains("got " + key.str() + "="));
-      }
-    }
-  });
-  CHECK(bounded == 23);
+  // The field list's own ranges, walked (field_ranges.hpp): 23 bounded fields.
+  CHECK(test::check_field_ranges(VectorQuantizerConfig{}, "VectorQuantizerConfig") == 23);
   // A few ranges spelled out independently of the list.
   const auto msg = [](auto edit) {
     VectorQuantizerConfig c;

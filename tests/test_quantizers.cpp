@@ -17,6 +17,7 @@
 #include <vqkit/layers/residual_vq.hpp>
 #include <vqkit/layers/vector_quantizer.hpp>
 
+#include "field_ranges.hpp"
 #include "gradcheck.hpp"
 #include "test_util.hpp"
 
@@ -75,6 +76,28 @@ RowMask mask_of(std::initializer_list<int> bits) {
 }  // namespace
 
 // ------------------------------------------------------------------- FSQ ---
+
+TEST_CASE("the family's configs: each bounded field of the field list is refused by name") {
+  // Bounded fields: FSQ usage_window, eps; LFQ dim, codebook_scale,
+  // temperature, the three weights, usage_window; RVQ levels,
+  // dropout_min_levels; grouped groups.
+  CHECK(vqkit::test::check_field_ranges(vqkit::FsqConfig{}, "FsqConfig") == 2);
+  CHECK(vqkit::test::check_field_ranges(vqkit::LfqConfig{}, "LfqConfig") == 7);
+  vqkit::ResidualVQConfig rc;
+  rc.levels = 3;
+  CHECK(vqkit::test::check_field_ranges(rc, "ResidualVQConfig") == 2);
+  CHECK(vqkit::test::check_field_ranges(vqkit::GroupedVQConfig{}, "GroupedVQConfig") == 1);
+  // the checkpoint keys are the same list
+  std::vector<std::string> keys;
+  const vqkit::LfqConfig lc;
+  vqkit::LfqConfig::visit_fields(lc, [&](const vqkit::FieldKey& k, const auto&) {
+    keys.push_back(k.str());
+  });
+  const auto meta = vqkit::detail::family_ckpt::meta(lc);
+  REQUIRE(meta.size() == keys.size());
+  for (std::size_t i = 0; i < keys.size(); ++i) CHECK(meta[i].first == keys[i]);
+  CHECK(vqkit::detail::family_ckpt::meta(vqkit::FsqConfig{})[0].second == "8,5,5,5");
+}
 
 TEST_CASE("FSQ forward, indices and straight-through gradient match PyTorch") {
   const auto lv = fixture().matrix<std::int64_t>("fsq.levels");
@@ -240,7 +263,11 @@ TEST_CASE("LFQ with a mask equals LFQ on the real rows; bad input changes nothin
   CHECK_THROWS_WITH(vqkit::LFQ<float>(bad), Contains("dim must lie in [1, 20]"));
   bad = cfg;
   bad.temperature = 0;
-  CHECK_THROWS_WITH(vqkit::LFQ<float>(bad), Contains("temperature must be finite and > 0, got 0"));
+  CHECK_THROWS_WITH(vqkit::LFQ<float>(bad), Contains("LfqConfig: temperature must be > 0, got temperature=0"));
+  bad = cfg;
+  bad.entropy_weight = 0;
+  bad.dim = 31;
+  CHECK_THROWS_WITH(vqkit::LFQ<float>(bad), Contains("dim must lie in [1, 30], got dim=31"));
   const auto before = a.step();
   CHECK_THROWS_WITH(a.forward(z, oa), Contains("row 2"));
   CHECK(a.step() == before);
@@ -477,7 +504,7 @@ TEST_CASE("ResidualVQ: quantize dropout, state round trip, bad input changes not
   CHECK_THROWS_WITH(rvq.forward(bad, out), Contains("row 6"));
   CHECK(rvq.level(0).step() == step0);
   cfg.dropout_min_levels = 4;
-  CHECK_THROWS_WITH(vqkit::ResidualVQ<double>(cfg), Contains("dropout_min_levels must lie in [1, levels=3], got 4"));
+  CHECK_THROWS_WITH(vqkit::ResidualVQ<double>(cfg), Contains("dropout_min_levels must lie in [1, levels=3], got dropout_min_levels=4"));
 }
 
 // ------------------------------------------------------------- GroupedVQ ---

@@ -37,7 +37,10 @@ namespace detail {
 template <class E>
 std::string enum_names() {
   std::string out;
-  for (E e : ckpt::enum_values<E>()) out += (out.empty() ? "" : ", ") + ckpt::enum_name(e);
+  for (E e : ckpt::enum_values<E>()) {
+    if (!out.empty()) out += ", ";
+    out += ckpt::enum_name(e);
+  }
   return out;
 }
 
@@ -112,7 +115,8 @@ VectorQuantizerConfig config_from_json(const Json& j, const VectorQuantizerConfi
     if (!found) {
       std::string known;
       visit_config(c, [&](const FieldKey& k, const auto&) {
-        known += (known.empty() ? "" : ", ") + k.str();
+        if (!known.empty()) known += ", ";
+        known += k.str();
       });
       detail::throw_error(where, "unknown key '", safetensors::detail::clip(key), "' (value ",
                           safetensors::detail::clip(it.value().dump()), "); known keys: ", known);

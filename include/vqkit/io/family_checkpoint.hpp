@@ -128,34 +128,28 @@ void get_usage(const safetensors::File& f, Layer& q, const std::string& where) {
   q.set_state(std::move(s));
 }
 
-inline std::string fmt(double v) { return ckpt::format_value(v); }
-inline std::string fmt(std::int64_t v) { return ckpt::format_value(v); }
-inline std::string fmt(bool v) { return v ? "true" : "false"; }
-
-inline Meta meta(const FsqConfig& c) {
-  std::string levels;
-  for (int L : c.levels) {
-    if (!levels.empty()) levels += ',';
-    levels += std::to_string(L);
+/// A config value as metadata text (FSQ's levels as "8,5,5,5").
+template <class V>
+std::string meta_value(const V& v) {
+  if constexpr (std::is_same_v<V, std::vector<int>>) {
+    std::string out;
+    for (int L : v) {
+      if (!out.empty()) out += ',';
+      out += std::to_string(L);
+    }
+    return out;
+  } else {
+    return ckpt::format_value(v);
   }
-  return {{"levels", levels}, {"eps", fmt(c.eps)}, {"usage_window", fmt(c.usage_window)}};
 }
-inline Meta meta(const LfqConfig& c) {
-  return {{"dim", fmt(std::int64_t(c.dim))},          {"codebook_scale", fmt(c.codebook_scale)},
-          {"temperature", fmt(c.temperature)},         {"entropy_weight", fmt(c.entropy_weight)},
-          {"diversity_gamma", fmt(c.diversity_gamma)}, {"commitment_weight", fmt(c.commitment_weight)},
-          {"usage_window", fmt(c.usage_window)}};
-}
-inline Meta meta(const ResidualVQConfig& c) {
-  return {{"levels", fmt(std::int64_t(c.levels))},
-          {"quantize_dropout", fmt(c.quantize_dropout)},
-          {"dropout_min_levels", fmt(std::int64_t(c.dropout_min_levels))},
-          {"seed", ckpt::format_value(c.seed)},
-          {"shared", fmt(c.shared)}};
-}
-template <class HeadConfig>
-Meta meta(const GroupedConfig<HeadConfig>& c) {
-  return {{"groups", fmt(std::int64_t(c.groups))}, {"shared", fmt(c.shared)}};
+
+/// The config keys of a family layer, from its config's field list (a
+/// composite's own fields; its levels / heads store theirs).
+template <class Config>
+Meta meta(const Config& c) {
+  Meta m;
+  Config::visit_fields(c, [&](const FieldKey& key, const auto& v) { m.emplace_back(key.str(), meta_value(v)); });
+  return m;
 }
 
 template <class T, class B>

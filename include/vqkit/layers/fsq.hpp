@@ -26,6 +26,7 @@
 #include <vector>
 
 #include "vqkit/core/check.hpp"
+#include "vqkit/core/config_fields.hpp"
 #include "vqkit/core/row_mask.hpp"
 #include "vqkit/core/types.hpp"
 #include "vqkit/layers/quantizer_surface.hpp"
@@ -47,8 +48,17 @@ struct FsqConfig {
     return K;
   }
 
+  /// The field list (core/config_fields.hpp): validation, checkpoint keys.
+  template <class Self, class F>
+  static void visit_fields(Self& c, F&& f) {
+    detail::visit_field(f, {"", "levels"}, c.levels, FieldRange::unrestricted());  // checked below
+    detail::visit_field(f, {"", "usage_window"}, c.usage_window, FieldRange::at_least(1));
+    detail::visit_field(f, {"", "eps"}, c.eps, FieldRange::closed_open(0, 1));
+  }
+
   void validate() const {
     constexpr const char* where = "FsqConfig";
+    visit_fields(*this, detail::field_checker(where));
     VQKIT_REQUIRE(!levels.empty(), where, "levels must name at least one dimension");
     Index K = 1;
     for (std::size_t j = 0; j < levels.size(); ++j) {
@@ -57,8 +67,6 @@ struct FsqConfig {
                     j, "] = ", levels[j]);
       K *= levels[j];
     }
-    VQKIT_REQUIRE(usage_window >= 1, where, "usage_window must be >= 1, got ", usage_window);
-    VQKIT_REQUIRE(eps >= 0 && eps < 1, where, "eps must lie in [0, 1), got ", eps);
   }
 };
 

@@ -25,6 +25,7 @@
 #include <utility>
 #include <vector>
 
+#include "vqkit/core/config_fields.hpp"
 #include "vqkit/core/row_mask.hpp"
 #include "vqkit/layers/quantizer_surface.hpp"
 #include "vqkit/layers/residual_vq.hpp"
@@ -60,8 +61,17 @@ struct GroupedConfig {
   HeadConfig head;        ///< a head's quantizer (its dim = d = D / G)
 
   Index dim() const { return groups * detail::head_dim(head); }
+  /// The field list of the grouping's own fields (core/config_fields.hpp):
+  /// validation, checkpoint keys. `head` has its own, stored with each
+  /// head's checkpoint.
+  template <class Self, class F>
+  static void visit_fields(Self& c, F&& f) {
+    detail::visit_field(f, {"", "groups"}, c.groups, FieldRange::at_least(1));
+    detail::visit_field(f, {"", "shared"}, c.shared, FieldRange::unrestricted());
+  }
+
   void validate() const {
-    VQKIT_REQUIRE(groups >= 1, "GroupedVQConfig", "groups must be >= 1, got ", groups);
+    visit_fields(*this, detail::field_checker("GroupedVQConfig"));
     head.validate();
   }
 };

@@ -26,6 +26,7 @@
 #include <cstdint>
 
 #include "vqkit/core/check.hpp"
+#include "vqkit/core/config_fields.hpp"
 #include "vqkit/core/row_mask.hpp"
 #include "vqkit/core/types.hpp"
 #include "vqkit/layers/quantizer_surface.hpp"
@@ -44,22 +45,26 @@ struct LfqConfig {
 
   Index codebook_size() const { return Index(1) << dim; }
 
+  /// The field list (core/config_fields.hpp): validation, checkpoint keys.
+  template <class Self, class F>
+  static void visit_fields(Self& c, F&& f) {
+    using R = FieldRange;
+    detail::visit_field(f, {"", "dim"}, c.dim, R::closed(1, 30));  // <= 20 with entropy: below
+    detail::visit_field(f, {"", "codebook_scale"}, c.codebook_scale, R::above(0));
+    detail::visit_field(f, {"", "temperature"}, c.temperature, R::above(0));
+    detail::visit_field(f, {"", "entropy_weight"}, c.entropy_weight, R::at_least(0));
+    detail::visit_field(f, {"", "diversity_gamma"}, c.diversity_gamma, R::at_least(0));
+    detail::visit_field(f, {"", "commitment_weight"}, c.commitment_weight, R::at_least(0));
+    detail::visit_field(f, {"", "usage_window"}, c.usage_window, R::at_least(1));
+  }
+
   void validate() const {
     constexpr const char* where = "LfqConfig";
-    const Index max_dim = entropy_weight > 0 ? 20 : 30;
-    VQKIT_REQUIRE(dim >= 1 && dim <= max_dim, where, "dim must lie in [1, ", max_dim,
-                  "] (entropy_weight ", entropy_weight, "), got ", dim);
-    auto finite_nonneg = [&](double v, const char* name) {
-      VQKIT_REQUIRE(std::isfinite(v) && v >= 0, where, name, " must be finite and >= 0, got ", v);
-    };
-    finite_nonneg(entropy_weight, "entropy_weight");
-    finite_nonneg(diversity_gamma, "diversity_gamma");
-    finite_nonneg(commitment_weight, "commitment_weight");
-    VQKIT_REQUIRE(std::isfinite(codebook_scale) && codebook_scale > 0, where,
-                  "codebook_scale must be finite and > 0, got ", codebook_scale);
-    VQKIT_REQUIRE(std::isfinite(temperature) && temperature > 0, where,
-                  "temperature must be finite and > 0, got ", temperature);
-    VQKIT_REQUIRE(usage_window >= 1, where, "usage_window must be >= 1, got ", usage_window);
+    visit_fields(*this, detail::field_checker(where));
+    // The entropy term sums over all 2^dim codes.
+    VQKIT_REQUIRE(entropy_weight == 0 || dim <= 20, where,
+                  "dim must lie in [1, 20] when entropy_weight > 0 (it sums over all 2^dim codes), got dim=",
+                  dim, " with entropy_weight=", entropy_weight);
   }
 };
 

@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "vqkit/core/random.hpp"
+#include "vqkit/core/config_fields.hpp"
 #include "vqkit/core/row_mask.hpp"
 #include "vqkit/layers/quantizer_surface.hpp"
 #include "vqkit/layers/vector_quantizer.hpp"
@@ -52,11 +53,25 @@ struct ResidualVQConfig {
   Index dropout_min_levels = 1;     ///< fewest levels a dropout batch runs
   std::uint64_t seed = 0;           ///< the dropout draws
 
+  /// The field list of the stack's own fields (core/config_fields.hpp):
+  /// validation, checkpoint keys. `level` has its own (VectorQuantizerConfig),
+  /// stored with each level's checkpoint.
+  template <class Self, class F>
+  static void visit_fields(Self& c, F&& f) {
+    using R = FieldRange;
+    detail::visit_field(f, {"", "levels"}, c.levels, R::at_least(1));
+    detail::visit_field(f, {"", "quantize_dropout"}, c.quantize_dropout, R::unrestricted());
+    detail::visit_field(f, {"", "dropout_min_levels"}, c.dropout_min_levels, R::at_least(1));
+    detail::visit_field(f, {"", "seed"}, c.seed, R::unrestricted());
+    detail::visit_field(f, {"", "shared"}, c.shared, R::unrestricted());
+  }
+
   void validate() const {
     constexpr const char* where = "ResidualVQConfig";
-    VQKIT_REQUIRE(levels >= 1, where, "levels must be >= 1, got ", levels);
-    VQKIT_REQUIRE(dropout_min_levels >= 1 && dropout_min_levels <= levels, where,
-                  "dropout_min_levels must lie in [1, levels=", levels, "], got ", dropout_min_levels);
+    visit_fields(*this, detail::field_checker(where));
+    VQKIT_REQUIRE(dropout_min_levels <= levels, where,
+                  "dropout_min_levels must lie in [1, levels=", levels, "], got dropout_min_levels=",
+                  dropout_min_levels);
     VQKIT_REQUIRE(level.non_finite == NonFinitePolicy::reject, where,
                   "level.non_finite must be reject (the residual stack checks its input once)");
     level.validate();
