@@ -1,7 +1,6 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -12,7 +11,6 @@
 #include <set>
 #include <sstream>
 #include <string>
-#include <type_traits>
 #include <vector>
 #include <vqkit/io/checkpoint.hpp>
 #include <vqkit/io/config_json.hpp>
