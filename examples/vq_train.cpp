@@ -28,6 +28,7 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <string_view>
 #include <system_error>
 #include <vector>
@@ -80,6 +81,7 @@ struct Options {
   std::int64_t log_every = 10;
   std::string csv = "vq_train.csv";
   std::string vq_config;          // JSON of VectorQuantizerConfig keys, applied over the flags
+  std::string quantizer_config;   // JSON of the --quantizer's own config, applied last
   bool help = false;
   // the quantizer family (quantizer_family.hpp)
   std::string quantizer = "vq";   // vq | rvq | grouped | fsq | lfq
@@ -160,6 +162,11 @@ void print_usage() {
       "                            {\"gradient_estimator\": \"rotation\", \"dead.replace_after\": 20};\n"
       "                            docs/api.md), applied over the flags above; \"dim\" must\n"
       "                            match the data (or --latent-dim with --autoencoder)\n"
+      "  --quantizer-config FILE   JSON of the --quantizer's own config (io/config_json.hpp):\n"
+      "                            rvq: ResidualVQConfig keys and a \"level\" object of\n"
+      "                            VectorQuantizerConfig keys; grouped: GroupedVQConfig keys\n"
+      "                            and a \"head\" object; fsq: FsqConfig (\"levels\": [8,5,5,5]);\n"
+      "                            lfq: LfqConfig; vq: as --vq-config. Applied last\n"
       "  --help                    this text\n"
       "\n"
       "Verdict: the last step's codebook health (healthy / degraded / collapsed, from its\n"
@@ -242,6 +249,9 @@ Options parse_args(int argc, char** argv) {
     } else if (flag == "--vq-config") {
       o.vq_config = next();
       if (o.vq_config.empty()) bad_value(flag, o.vq_config, "a JSON file");
+    } else if (flag == "--quantizer-config") {
+      o.quantizer_config = next();
+      if (o.quantizer_config.empty()) bad_value(flag, o.quantizer_config, "a JSON file");
     } else if (flag == "--quantizer") {
       const std::string_view v = next();
       if (v != "vq" && v != "rvq" && v != "grouped" && v != "fsq" && v != "lfq")
@@ -381,13 +391,17 @@ int run_family(const Options& o, const Data& data, vqkit::VectorQuantizerConfig 
   const vqkit::cpu backend{o.threads};
   std::unique_ptr<fam::Quantizer> q;
   cfg.dim = d;
+  // The flags' config, then --quantizer-config's keys over it.
+  const auto with_file = [&](const auto& flags) {
+    return o.quantizer_config.empty() ? flags : vqkit::load_config_json(o.quantizer_config, flags);
+  };
   if (o.quantizer == "vq") {
-    q = std::make_unique<fam::Adapter<vqkit::VectorQuantizer<float>>>(cfg, backend);
+    q = std::make_unique<fam::Adapter<vqkit::VectorQuantizer<float>>>(cfg, backend);  // (files applied)
   } else if (o.quantizer == "rvq") {
     vqkit::ResidualVQConfig rc;
     rc.levels = o.rvq_levels;
     rc.level = cfg;
-    q = std::make_unique<fam::Adapter<vqkit::ResidualVQ<float>>>(rc, backend);
+    q = std::make_unique<fam::Adapter<vqkit::ResidualVQ<float>>>(with_file(rc), backend);
   } else if (o.quantizer == "grouped") {
     if (d % o.groups != 0)
       throw UsageError("--groups: bad value '" + std::to_string(o.groups) + "': it must divide the code dimension " +
@@ -397,16 +411,16 @@ int run_family(const Options& o, const Data& data, vqkit::VectorQuantizerConfig 
     gc.shared = o.shared;
     gc.head = cfg;
     gc.head.dim = d / o.groups;
-    q = std::make_unique<fam::Adapter<vqkit::GroupedVQ<float>>>(gc, backend);
+    q = std::make_unique<fam::Adapter<vqkit::GroupedVQ<float>>>(with_file(gc), backend);
   } else if (o.quantizer == "fsq") {
     vqkit::FsqConfig fc;
     fc.levels = o.fsq_levels;
-    q = std::make_unique<fam::Adapter<vqkit::FSQ<float>>>(fc);
+    q = std::make_unique<fam::Adapter<vqkit::FSQ<float>>>(with_file(fc));
   } else {
     vqkit::LfqConfig lc;
     lc.dim = o.lfq_bits;
     lc.entropy_weight = o.lfq_entropy_weight;
-    q = std::make_unique<fam::Adapter<vqkit::LFQ<float>>>(lc);
+    q = std::make_unique<fam::Adapter<vqkit::LFQ<float>>>(with_file(lc));
   }
   std::printf("vq_train: %s: %lld rows x %lld dims, batch %lld, %lld steps, seed %llu\n",
               data.description.c_str(), static_cast<long long>(data.x.rows()), static_cast<long long>(D),
@@ -448,11 +462,15 @@ int run(const Options& o) {
   cfg.loss.commitment_weight = o.commitment_weight;
   cfg.dead.policy = o.dead_policy;
   cfg.seed = o.seed;
-  if (!o.vq_config.empty()) {
+  // --vq-config's keys over the flags (and, for vq, --quantizer-config's).
+  const std::pair<const char*, std::string> files[] = {
+      {"--vq-config", o.vq_config}, {"--quantizer-config", o.quantizer == "vq" ? o.quantizer_config : ""}};
+  for (const auto& [flag, file] : files) {
+    if (file.empty()) continue;
     const Index dim = cfg.dim;
-    cfg = vqkit::load_config_json(o.vq_config, cfg);
+    cfg = vqkit::load_config_json(file, cfg);
     if (cfg.dim != dim)
-      throw UsageError("--vq-config: '" + o.vq_config + "' sets dim=" + std::to_string(cfg.dim) +
+      throw UsageError(std::string(flag) + ": '" + file + "' sets dim=" + std::to_string(cfg.dim) +
                        ", but the code dimension is " + std::to_string(dim));
   }
   const Index K = cfg.codebook_size;

@@ -11,6 +11,7 @@
 #include <set>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 #include <vqkit/io/checkpoint.hpp>
 #include <vqkit/io/config_json.hpp>
@@ -495,6 +496,91 @@ TEST_CASE("the config's JSON comes from its field list: every key, exact round t
   }
   CHECK_THAT(error_of([&] { load_config_json(path); }),
              Catch::Contains("'" + path + "'") && Catch::Contains("usage_window must be >= 1"));
+}
+
+TEST_CASE("the family's configs as JSON: nested level / head objects, exact round trips, partial "
+          "overrides at any depth, bad keys and values named", "[checkpoint][config][json]") {
+  ResidualVQConfig r;
+  r.levels = 3;
+  r.shared = true;
+  r.quantize_dropout = true;
+  r.dropout_min_levels = 2;
+  r.seed = 77;
+  r.level = every_field_changed();
+  r.level.non_finite = NonFinitePolicy::reject;  // (a residual stack requires it)
+  GroupedResidualVQConfig g;
+  g.groups = 5;
+  g.shared = true;
+  g.head = r;
+  FsqConfig f;
+  f.levels = {4, 4, 3};
+  f.usage_window = 3;
+  f.eps = 0.25;
+  LfqConfig l;
+  l.dim = 6;
+  l.temperature = 0.5;
+  l.diversity_gamma = 2;
+
+  // Every config round-trips exactly, also through text; the nested config
+  // is its own object, written by the same function.
+  const auto round_trip = [](const auto& c) {
+    using C = std::remove_cvref_t<decltype(c)>;
+    const auto j = config_to_json(c);
+    const C back = config_from_json(nlohmann::json::parse(j.dump()), C{});
+    return config_to_json(back) == j && j != config_to_json(C{});
+  };
+  CHECK(round_trip(r));
+  CHECK(round_trip(g));
+  CHECK(round_trip(f));
+  CHECK(round_trip(l));
+  const auto jr = config_to_json(r);
+  CHECK(jr.at("level") == config_to_json(r.level));
+  CHECK(jr.at("levels") == 3);
+  CHECK(config_to_json(g).at("head") == jr);
+  CHECK(config_to_json(f).at("levels") == nlohmann::json::parse("[4, 4, 3]"));
+
+  // A partial object changes only its keys, at any depth.
+  const auto p = config_from_json(nlohmann::json::parse(R"({"levels": 5, "level": {"codebook_size": 64}})"), r);
+  CHECK(p.levels == 5);
+  CHECK(p.level.codebook_size == 64);
+  auto expect = r;
+  expect.levels = 5;
+  expect.level.codebook_size = 64;
+  CHECK(config_to_json(p) == config_to_json(expect));
+  CHECK(config_from_json(nlohmann::json::parse(R"({"head": {"level": {"dim": 3}}})"), g).head.level.dim == 3);
+
+  const auto bad = [](const auto& base, const char* text) {
+    return error_of([&] { config_from_json(nlohmann::json::parse(text), base); });
+  };
+  CHECK_THAT(bad(r, R"({"level_": {}})"),
+             Catch::Contains("ResidualVQConfig: unknown key 'level_'") &&
+                 Catch::Contains("known keys: levels, quantize_dropout, dropout_min_levels, seed, shared, level"));
+  CHECK_THAT(bad(r, R"({"level": {"ema.decai": 0.5}})"),
+             Catch::Contains("ResidualVQConfig: level: unknown key 'ema.decai'"));
+  CHECK_THAT(bad(r, R"({"level": [1]})"), Catch::Contains("ResidualVQConfig: level: expected a JSON object"));
+  CHECK_THAT(bad(r, R"({"level": {"ema.decay": 1.5}})"),
+             Catch::Contains("ResidualVQConfig: level: VectorQuantizerConfig: ema.decay must lie in (0, 1)"));
+  CHECK_THAT(bad(r, R"({"level": {"non_finite": "skip"}})"),
+             Catch::Contains("level.non_finite must be reject"));
+  CHECK_THAT(bad(r, R"({"dropout_min_levels": 4})"),
+             Catch::Contains("dropout_min_levels must lie in [1, levels=3], got dropout_min_levels=4"));
+  CHECK_THAT(bad(g, R"({"groups": 0})"), Catch::Contains("groups must be >= 1, got groups=0"));
+  CHECK_THAT(bad(g, R"({"head": {"levels": 0}})"),
+             Catch::Contains("GroupedResidualVQConfig: head: ResidualVQConfig: levels must be >= 1"));
+  CHECK_THAT(bad(f, R"({"levels": 5})"), Catch::Contains("levels=5 must be an array"));
+  CHECK_THAT(bad(f, R"({"levels": [8, "5"]})"), Catch::Contains(R"(levels[1]="5" must be an integer)"));
+  CHECK_THAT(bad(f, R"({"levels": [8, 1]})"), Catch::Contains("levels[1] must be >= 2, got 1"));
+  CHECK_THAT(bad(l, R"({"dim": 31})"), Catch::Contains("LfqConfig: dim must lie in [1, 30], got dim=31"));
+
+  // from a file, typed by its base
+  TempDir dir;
+  const std::string path = dir / "fsq.json";
+  {
+    std::ofstream(path) << R"({"levels": [8, 5, 5, 5, 5]})";
+  }
+  const FsqConfig loaded = load_config_json(path, FsqConfig{});
+  CHECK(loaded.levels == std::vector<int>{8, 5, 5, 5, 5});
+  CHECK(loaded.eps == FsqConfig{}.eps);
 }
 
 TEST_CASE("validation messages come from the field list: each bounded field outside its range "

@@ -378,3 +378,162 @@ TEST_CASE("a reducer of size 1 is the single-process path", "[distributed]") {
              }),
              Catch::Contains("rank 0 contributes 1 elements, counts says 2"));
 }
+
+// ---- the composites: ResidualVQ and GroupedVQ under a reducer ----------------------
+
+namespace {
+
+/// "" when P ranks' runs match one process: every level's state identical
+/// across ranks and within 1e-6 of the reference (codebook, EMA state and
+/// bank rows; Rng, counters exact), every step's indices (the slices in
+/// rank order) equal.
+template <class Q>
+std::string composite_difference(const std::vector<test::CompositeRun<Q>>& runs, const test::CompositeRun<Q>& ref) {
+  std::ostringstream os;
+  const auto want = test::level_states(ref.state);
+  for (std::size_t r = 0; r < runs.size(); ++r) {
+    const auto got = test::level_states(runs[r].state);
+    if (got.size() != want.size()) return "level count differs";
+    for (std::size_t l = 0; l < want.size(); ++l) {
+      const auto across = test::state_difference<double>(got[l], test::level_states(runs[0].state)[l]);
+      if (!across.empty()) os << "rank " << r << " level " << l << " vs rank 0: " << across << "; ";
+      const auto d = test::level_difference(got[l], want[l], 1e-6);
+      if (!d.empty()) os << "rank " << r << " level " << l << ": " << d;
+    }
+  }
+  for (std::size_t s = 0; s < ref.indices.size(); ++s) {
+    IndexMatrix all(0, ref.indices[s].cols());
+    for (const auto& run : runs) {
+      const auto& part = run.indices[s];
+      all.conservativeResize(all.rows() + part.rows(), Eigen::NoChange);
+      all.bottomRows(part.rows()) = part;
+    }
+    if (all != ref.indices[s]) {
+      os << "step " << s << ": indices differ; ";
+      break;
+    }
+  }
+  return os.str();
+}
+
+template <class Q, class Config>
+std::string composite_check(const Config& cfg, const test::Scenario& sc, int P) {
+  const auto ref = test::train_composite<Q>(cfg, sc, nullptr);
+  std::vector<test::CompositeRun<Q>> runs(static_cast<std::size_t>(P));
+  run_ranks(P, [&](Reducer& r) { runs[std::size_t(r.rank())] = test::train_composite<Q>(cfg, sc, &r); });
+  return composite_difference(runs, ref);
+}
+
+ResidualVQConfig rvq_config(bool shared, bool dropout) {
+  ResidualVQConfig c;
+  c.levels = 3;
+  c.level = test::reinit_scenario().cfg;  // k-means init, refine, re-inits
+  c.level.non_finite = NonFinitePolicy::reject;
+  c.shared = shared;
+  c.quantize_dropout = dropout;
+  c.seed = 11;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("ResidualVQ and GroupedVQ under a reducer match one process given the whole batch",
+          "[distributed][composite]") {
+  auto sc = test::reinit_scenario();
+  sc.nan_step = -1;  // (the composites reject non-finite rows)
+  auto masked = sc;
+  masked.masked = true;  // incl. a step whose last slice is all padding, and an all-padded step
+
+  // The reference exercises the levels' k-means init, refine and re-init.
+  const auto ref = test::train_composite<ResidualVQ<double>>(rvq_config(false, true), sc, nullptr);
+  const auto lv = test::level_states(ref.state);
+  REQUIRE(lv[0].data_initialized);
+  REQUIRE(lv[0].init_refined);
+  REQUIRE(lv[0].reinits >= 1);
+  int dropped = 0;  // steps where dropout left the last level out
+  for (const auto& idx : ref.indices) dropped += (idx.col(2).array() < 0).all() ? 1 : 0;
+  REQUIRE(dropped > 0);
+  REQUIRE(dropped < sc.steps);
+
+  SECTION("residual, separate codebooks, quantize dropout, masked, 2 and 3 ranks") {
+    for (int P : {2, 3}) {
+      INFO(P << " ranks");
+      CHECK(composite_check<ResidualVQ<double>>(rvq_config(false, true), masked, P) == "");
+    }
+  }
+  SECTION("residual, one shared codebook") {
+    CHECK(composite_check<ResidualVQ<double>>(rvq_config(true, false), sc, 2) == "");
+  }
+  SECTION("grouped, separate and shared heads, masked") {
+    GroupedVQConfig g;
+    g.groups = 2;
+    g.head = rvq_config(false, false).level;
+    CHECK(composite_check<GroupedVQ<double>>(g, masked, 2) == "");
+    g.shared = true;
+    CHECK(composite_check<GroupedVQ<double>>(g, masked, 3) == "");
+  }
+  SECTION("grouped residual with dropout") {
+    GroupedResidualVQConfig g;
+    g.groups = 2;
+    g.head = rvq_config(false, true);
+    CHECK(composite_check<GroupedResidualVQ<double>>(g, sc, 2) == "");
+  }
+}
+
+TEST_CASE("a composite's bad slice, or ranks that differ, make every rank throw and change nothing",
+          "[distributed][composite][errors]") {
+  const auto cfg = rvq_config(false, true);
+  std::vector<std::string> nan_msg(2), mask_msg(2), unsynced(2), unchanged(2), differ(2);
+  std::vector<ResidualVQ<double>::State> end(2);
+  std::vector<bool> attached(2, true);
+  run_ranks(2, [&](Reducer& r) {
+    const auto me = std::size_t(r.rank());
+    ResidualVQ<double> q(cfg, cpu{1});
+    q.set_reducer(&r);
+    RowMatrix<double> out;
+    ResidualVQ<double>::Context ctx;
+    for (int s = 0; s < 4; ++s) q.forward(test::gaussian<double>(40, 8, 10 * me + s), out, ctx);
+    unsynced[me] = message_of([&] { (void)q.state(); });
+    q.sync_memory_bank();
+    const auto before = q.state();
+    RowMatrix<double> x = test::gaussian<double>(40, 8, 99 + me);
+    if (me == 1) x(5, 3) = std::numeric_limits<double>::quiet_NaN();
+    nan_msg[me] = message_of([&] { q.forward(x, out, ctx); });  // before the dropout draw
+    mask_msg[me] = message_of(
+        [&] { q.forward(test::gaussian<double>(40, 8, 7), RowMask::Constant(me == 0 ? 39 : 40, true), out, ctx); });
+    q.sync_memory_bank();
+    const auto after = q.state();
+    for (std::size_t l = 0; l < before.levels.size(); ++l)
+      unchanged[me] += test::state_difference<double>(before.levels[l], after.levels[l]);
+    if (before.rng != after.rng) unchanged[me] += "rng";
+    if (me == 0) {  // eval is local: one rank alone
+      q.eval();
+      q.forward(test::gaussian<double>(9, 8, 300), out, ctx);
+      q.train();
+    }
+    q.forward(test::gaussian<double>(40, 8, 200 + me), out, ctx);  // still in step
+    q.sync_memory_bank();
+    end[me] = q.state();
+
+    auto other = cfg;
+    other.seed = me;  // different dropout draws
+    ResidualVQ<double> wrong(other, cpu{1});
+    differ[me] = message_of([&] { wrong.set_reducer(&r); });
+    attached[me] = wrong.reducer() != nullptr || wrong.level(0).reducer() != nullptr;
+  });
+  CHECK_THAT(unsynced[0], Catch::Contains("sync_memory_bank"));
+  CHECK_THAT(nan_msg[1], Catch::Contains("non-finite value (nan) at row 5, column 3"));
+  CHECK_THAT(nan_msg[0], Catch::Contains("rank 1 rejected its slice"));
+  CHECK_THAT(mask_msg[0], Catch::Contains("the row mask has 39 entries, the batch 40 rows"));
+  CHECK_THAT(mask_msg[1], Catch::Contains("rank 0 rejected its slice"));
+  CHECK(unchanged[0] == "");
+  CHECK(unchanged[1] == "");
+  const auto a = test::level_states(end[0]), b = test::level_states(end[1]);
+  for (std::size_t l = 0; l < a.size(); ++l) CHECK(test::state_difference<double>(a[l], b[l]) == "");
+  CHECK(end[0].rng == end[1].rng);
+  for (int r = 0; r < 2; ++r) {
+    CHECK_THAT(differ[std::size_t(r)], Catch::Contains("ResidualVQ::set_reducer") &&
+                                           Catch::Contains("rank 1 differs from rank 0's"));
+    CHECK_FALSE(attached[std::size_t(r)]);
+  }
+}

@@ -129,6 +129,29 @@ TEST_CASE("a non-finite slice on the last rank makes every rank throw", "[mpi][e
   vq.set_reducer(nullptr);
 }
 
+TEST_CASE("a residual stack with quantize dropout and row masks matches one process", "[mpi]") {
+  ResidualVQConfig cfg;
+  cfg.levels = 3;
+  cfg.level = test::reinit_scenario().cfg;
+  cfg.level.non_finite = NonFinitePolicy::reject;
+  cfg.quantize_dropout = true;
+  cfg.seed = 11;
+  auto sc = test::reinit_scenario();
+  sc.nan_step = -1;
+  sc.masked = true;
+  const auto ref = test::train_composite<ResidualVQ<double>>(cfg, sc, nullptr);
+  const auto run = test::train_composite<ResidualVQ<double>>(cfg, sc, world);
+  const auto want = test::level_states(ref.state), got = test::level_states(run.state);
+  REQUIRE(got.size() == want.size());
+  for (std::size_t l = 0; l < got.size(); ++l) {
+    CHECK(same_on_every_rank<double>(got[l]));
+    const std::string diff = test::level_difference(got[l], want[l], 1e-6);
+    INFO("rank " << world->rank() << ", level " << l << ": " << diff);
+    CHECK(on_every_rank(diff.empty()));
+  }
+  CHECK(on_every_rank(run.state.rng == ref.state.rng));
+}
+
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
   std::int64_t failed = 0;

@@ -14,6 +14,8 @@
 
 #include <vqkit/core/row_mask.hpp>
 #include <vqkit/distributed/reducer.hpp>
+#include <vqkit/layers/grouped_vq.hpp>
+#include <vqkit/layers/residual_vq.hpp>
 #include <vqkit/layers/vector_quantizer.hpp>
 
 #include "test_util.hpp"
@@ -199,6 +201,73 @@ std::string run_difference(const Run<T>& dist, const Run<T>& ref, double tol) {
     }
   }
   return os.str();
+}
+
+// ---- the composites (ResidualVQ, GroupedVQ) -------------------------------------
+
+/// Every VectorQuantizer state inside a composite's state, in order.
+template <class S>
+void level_states(const S& s, std::vector<VectorQuantizer<double>::State>& out) {
+  if constexpr (requires { s.levels; }) {
+    for (const auto& l : s.levels) out.push_back(l);
+  } else if constexpr (requires { s.heads; }) {
+    for (const auto& h : s.heads) level_states(h, out);
+  } else {
+    out.push_back(s);
+  }
+}
+template <class S>
+std::vector<VectorQuantizer<double>::State> level_states(const S& s) {
+  std::vector<VectorQuantizer<double>::State> out;
+  level_states(s, out);
+  return out;
+}
+
+template <class Q>
+struct CompositeRun {
+  typename Q::State state;
+  std::vector<IndexMatrix> indices;  ///< every step's, of this rank's slice
+};
+
+/// The reinit scenario's batches (D columns) and masks, fed to a composite:
+/// the whole batch without a reducer, this rank's slice with one.
+template <class Q, class Config>
+CompositeRun<Q> train_composite(const Config& cfg, const Scenario& sc, Reducer* reducer) {
+  Q q(cfg, cpu{1});
+  q.set_reducer(reducer);
+  CompositeRun<Q> run;
+  RowMatrix<double> out;
+  typename Q::Context ctx;
+  auto batch_sc = sc;
+  batch_sc.cfg.dim = q.dim();
+  for (int s = 0; s < sc.steps; ++s) {
+    const RowMatrix<double> x = scenario_batch<double>(batch_sc, s);
+    Index first = 0, count = sc.rows;
+    if (reducer) std::tie(first, count) = slice_of(sc.rows, reducer->rank(), reducer->size());
+    if (sc.masked)
+      q.forward(x.middleRows(first, count), scenario_mask(sc, s).segment(first, count), out,
+                ctx);
+    else
+      q.forward(x.middleRows(first, count), out, ctx);
+    run.indices.push_back(ctx.indices);
+  }
+  q.sync_memory_bank();
+  run.state = q.state();
+  q.set_reducer(nullptr);
+  return run;
+}
+
+/// "" when a composite's level state from a run with a reducer matches the
+/// single-process one: run_difference's terms, with the bank rows within
+/// tol too (levels past the first bank residuals, which carry the
+/// codebooks' rounding: sums in another order).
+inline std::string level_difference(const VectorQuantizer<double>::State& got,
+                                    const VectorQuantizer<double>::State& want, double tol) {
+  Run<double> a, b;
+  a.state = got;
+  b.state = want;
+  if (close(a.state.bank, b.state.bank, tol)) a.state.bank = b.state.bank;
+  return run_difference(a, b, tol);
 }
 
 // ---- the scenarios ---------------------------------------------------------------

@@ -11,6 +11,11 @@
 // (io/checkpoint.hpp), its data-parallel fingerprint
 // (distributed/data_parallel.hpp) and its JSON (io/config_json.hpp).
 // Checks that tie two fields together stay in the struct's validate().
+// A config that holds another whole config (ResidualVQConfig's `level`,
+// GroupedConfig's `head`) also has
+//   static void visit_parts(Self& self, F&& f);   // f("level", self.level)
+// which its JSON (a nested object) and nothing else uses: the nested
+// config validates, checkpoints and fingerprints itself.
 #pragma once
 
 #include <cmath>

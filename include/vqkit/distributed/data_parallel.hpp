@@ -28,6 +28,7 @@
 #include <numeric>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "vqkit/core/check.hpp"
@@ -40,9 +41,57 @@
 
 namespace vqkit::detail {
 
+/// A slice's verdict: the rows it adds to the step and whether they are finite.
+struct SliceCheck {
+  Index rows = 0;
+  bool finite = true;
+};
+/// What every rank learns at the start of a step.
+struct StepStart {
+  bool all_finite = true;  ///< every rank's rows are finite
+  Index rows = 0;          ///< rows of the whole batch, over every rank
+};
+
+/// Collective (3 P int64 all-reduced): runs this rank's `check()`, which
+/// returns its SliceCheck or throws a vqkit::error, and shares every rank's
+/// verdict. If any rank's check threw, every rank throws (that rank its own
+/// message, the others one naming it), so no rank is left waiting in the
+/// next collective. `rows_per_rank`, when given, receives each rank's rows.
+template <class Check>
+StepStart check_every_slice(Reducer& r, Check&& check, const char* where,
+                            std::vector<std::int64_t>* rows_per_rank = nullptr) {
+  const std::size_t P = std::size_t(r.size()), me = std::size_t(r.rank());
+  std::string rejected;  // this rank's own message
+  SliceCheck mine;
+  try {
+    mine = check();
+  } catch (const error& e) {
+    rejected = e.what();
+  }
+  // [rows of each rank | rejected by each rank | non-finite on each rank]
+  std::vector<std::int64_t> v(3 * P, 0);
+  v[me] = rejected.empty() ? mine.rows : 0;
+  v[P + me] = rejected.empty() ? 0 : 1;
+  v[2 * P + me] = mine.finite ? 0 : 1;
+  r.all_reduce_sum(std::span<std::int64_t>(v));
+  if (!rejected.empty()) throw error(rejected);
+  for (std::size_t q = 0; q < P; ++q)
+    VQKIT_REQUIRE(v[P + q] == 0, where, "rank ", q,
+                  " rejected its slice of the batch (every rank throws, so none waits for it)");
+  if (rows_per_rank) rows_per_rank->assign(v.begin(), v.begin() + std::ptrdiff_t(P));
+  StepStart start;
+  start.all_finite = std::all_of(v.begin() + std::ptrdiff_t(2 * P), v.end(),
+                                 [](std::int64_t bad) { return bad == 0; });
+  for (std::size_t q = 0; q < P; ++q) start.rows += Index(v[q]);
+  return start;
+}
+
 template <class T>
 class DataParallel {
  public:
+  using SliceCheck = detail::SliceCheck;
+  using StepStart = detail::StepStart;
+
   /// Starts from `bank`, which every rank must hold whole and identical.
   DataParallel(Reducer& reducer, const MemoryBank<T>& bank) : r_(&reducer) { reset(bank); }
 
@@ -80,44 +129,12 @@ class DataParallel {
         .all_finite;
   }
 
-  /// A slice's verdict: the rows it adds to the step and whether they are finite.
-  struct SliceCheck {
-    Index rows = 0;
-    bool finite = true;
-  };
-  struct StepStart {
-    bool all_finite = true;  ///< every rank's rows are finite
-    Index rows = 0;          ///< rows of the whole batch, over every rank
-  };
   /// The same with the slice's own check: `check()` returns this rank's
   /// SliceCheck (a masked slice: its real rows, possibly none) or throws a
   /// vqkit::error, which every rank then throws.
   template <class Check>
   StepStart begin_step(Check&& check, const char* where) {
-    const std::size_t P = std::size_t(r_->size()), me = std::size_t(r_->rank());
-    std::string rejected;  // this rank's own message
-    SliceCheck mine;
-    try {
-      mine = check();
-    } catch (const error& e) {
-      rejected = e.what();
-    }
-    // [rows of each rank | rejected by each rank | non-finite on each rank]
-    std::vector<std::int64_t> v(3 * P, 0);
-    v[me] = rejected.empty() ? mine.rows : 0;
-    v[P + me] = rejected.empty() ? 0 : 1;
-    v[2 * P + me] = mine.finite ? 0 : 1;
-    r_->all_reduce_sum(std::span<std::int64_t>(v));
-    if (!rejected.empty()) throw error(rejected);
-    for (std::size_t q = 0; q < P; ++q)
-      VQKIT_REQUIRE(v[P + q] == 0, where, "rank ", q,
-                    " rejected its slice of the batch (every rank throws, so none waits for it)");
-    step_rows_.assign(v.begin(), v.begin() + std::ptrdiff_t(P));
-    StepStart start;
-    start.all_finite = std::all_of(v.begin() + std::ptrdiff_t(2 * P), v.end(),
-                                   [](std::int64_t bad) { return bad == 0; });
-    for (std::size_t q = 0; q < P; ++q) start.rows += Index(v[q]);
-    return start;
+    return check_every_slice(*r_, std::forward<Check>(check), where, &step_rows_);
   }
 
   /// After begin_step: records the rows of every rank in the id bank, with
@@ -254,6 +271,16 @@ std::uint64_t fingerprint(const VQ& vq) {
            vq.reinit_count(), vq.replaced_count(), vq.skipped_batches(), vq.data_initialized(),
            vq.init_refined(), vq.is_training(), vq.last_init_step());
   return f.value();
+}
+
+/// The fingerprint of any quantizer of the family: a composite's own
+/// (its member fingerprint(), which folds in its parts'), else the above.
+template <class Q>
+std::uint64_t fingerprint_of(const Q& q) {
+  if constexpr (requires { q.fingerprint(); })
+    return q.fingerprint();
+  else
+    return fingerprint(q);
 }
 
 /// Collective: throws on every rank unless every rank's fingerprint equals rank 0's.

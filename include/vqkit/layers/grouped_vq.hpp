@@ -18,6 +18,10 @@
 // over the N G head vectors); indices are N x (G Q), head g's levels in
 // columns g Q .. g Q + Q - 1. Head g's quantizers are seeded apart: level
 // seeds + g Q, dropout seed + g.
+//
+// Data parallel (set_reducer, docs/distributed.md): every head is attached
+// to the reducer; a training step checks every rank's slice together, and
+// each head then trains as one process given the whole batch would.
 #pragma once
 
 #include <cstdint>
@@ -70,6 +74,12 @@ struct GroupedConfig {
     detail::visit_field(f, {"", "shared"}, c.shared, FieldRange::unrestricted());
   }
 
+  /// Its nested config, by name (the JSON object "head").
+  template <class Self, class F>
+  static void visit_parts(Self& c, F&& f) {
+    f("head", c.head);
+  }
+
   void validate() const {
     visit_fields(*this, detail::field_checker("GroupedVQConfig"));
     head.validate();
@@ -80,9 +90,10 @@ using GroupedResidualVQConfig = GroupedConfig<ResidualVQConfig>;
 
 template <class T, class Backend = cpu, class HeadQuantizer = VectorQuantizer<T, Backend>>
 class GroupedVQ
-    : public detail::QuantizerSurface<GroupedVQ<T, Backend, HeadQuantizer>, T> {
+    : public detail::CompositeQuantizer<GroupedVQ<T, Backend, HeadQuantizer>, T> {
  public:
   static constexpr const char* name = "GroupedVQ::forward";
+  static constexpr const char* set_reducer_name = "GroupedVQ::set_reducer";
   using Head = HeadQuantizer;
   using HeadConfig = std::remove_cvref_t<decltype(std::declval<const Head&>().config())>;
   using Config = GroupedConfig<HeadConfig>;
@@ -110,9 +121,16 @@ class GroupedVQ
     for (auto& h : heads_) h.train(on);
   }
   void eval() { train(false); }
+  bool is_training() const { return heads_.front().is_training(); }
 
-  // forward(x, out, ctx), forward(x, mask, out, ctx), forward(x, out): see
-  // quantizer_surface.hpp.
+  // forward(x, out, ctx), forward(x, mask, out, ctx), forward(x, out), and
+  // data-parallel training (set_reducer, sync_memory_bank): see
+  // quantizer_surface.hpp. Under a reducer each head's slices, in rank
+  // order, are the head's whole batch (shared: rank r's N_r G head vectors).
+
+  /// What set_reducer compares across ranks: the config and every head's
+  /// fingerprint.
+  std::uint64_t fingerprint() const { return this->fingerprint_with(); }
 
   void backward(const Context& ctx, ConstMatrixRef<T> dout, RowMatrix<T>* dx) {
     const Index N = ctx.indices.rows(), d = head_dim(), G = groups();
@@ -195,6 +213,9 @@ class GroupedVQ
 
  private:
   friend class detail::QuantizerSurface<GroupedVQ<T, Backend, HeadQuantizer>, T>;
+  friend class detail::CompositeQuantizer<GroupedVQ<T, Backend, HeadQuantizer>, T>;
+  std::vector<Head>& parts() { return heads_; }
+  const std::vector<Head>& parts() const { return heads_; }
 
   Index head_dim() const { return detail::head_dim(cfg_.head); }
 
@@ -205,8 +226,9 @@ class GroupedVQ
   }
 
   void run(ConstMatrixRef<T> x, const RowMask* mask, RowMatrix<T>& out, Context& ctx) {
-    constexpr const char* where = "GroupedVQ::forward";
-    detail::require_batch(x, dim(), where, "x");
+    // Separate heads: every head's input is checked before any head learns
+    // (shared: the one head checks the head vectors itself).
+    this->check_input(x, mask, !cfg_.shared);
     const Index N = x.rows(), d = head_dim(), G = groups(), w = codes_per_head();
     ctx.indices.resize(N, G * w);
     ctx.loss = 0;
@@ -224,8 +246,6 @@ class GroupedVQ
       ctx.loss = detail::total_loss(ctx.head[0].loss);
       return;
     }
-    // Separate heads: every head's input is checked before any head learns.
-    detail::require_finite_rows<T>(x, mask, where, "x");
     ctx.head.resize(std::size_t(G));
     out.resize(N, dim());
     for (Index g = 0; g < G; ++g) {

@@ -9,11 +9,19 @@
 // forward(x, out) -> Context.
 // GridQuantizer<Q, T> adds what the fixed-grid quantizers (FSQ, LFQ) share:
 // their ImplicitCodebook (usage, step, training flag) and its accessors.
+// CompositeQuantizer<Q, T> adds what the quantizers built of VectorQuantizers
+// (ResidualVQ, GroupedVQ) share: data-parallel training, by attaching every
+// part to the same Reducer (docs/distributed.md).
 #pragma once
+
+#include <cstdint>
+#include <type_traits>
 
 #include "vqkit/core/check.hpp"
 #include "vqkit/core/row_mask.hpp"
 #include "vqkit/core/types.hpp"
+#include "vqkit/distributed/data_parallel.hpp"
+#include "vqkit/distributed/reducer.hpp"
 #include "vqkit/quantizer/implicit_codebook.hpp"
 
 namespace vqkit::detail {
@@ -27,8 +35,10 @@ class QuantizerSurface {
   }
   template <class Context>
   void forward(ConstMatrixRef<T> x, const RowMask& mask, RowMatrix<T>& out, Context& ctx) {
-    require_batch(x, self().dim(), Q::name, "x");
-    require_mask(mask, x.rows(), Q::name);
+    if (!checks_in_run()) {
+      require_batch(x, self().dim(), Q::name, "x");
+      require_mask(mask, x.rows(), Q::name);
+    }
     self().run(x, &mask, out, ctx);
   }
   auto forward(ConstMatrixRef<T> x, RowMatrix<T>& out) {
@@ -39,6 +49,15 @@ class QuantizerSurface {
 
  private:
   Q& self() { return static_cast<Q&>(*this); }
+  /// A composite under a reducer checks the batch and mask in run(), on
+  /// every rank together (a rank that threw here alone would leave the
+  /// others waiting).
+  bool checks_in_run() {
+    if constexpr (requires(const Q& q) { q.collective(); })
+      return self().collective();
+    else
+      return false;
+  }
 };
 
 template <class Q, class T>
@@ -57,6 +76,67 @@ class GridQuantizer : public QuantizerSurface<Q, T> {
  protected:
   GridQuantizer(Index K, std::int64_t usage_window) : book_(K, usage_window) {}
   ImplicitCodebook book_;
+};
+
+template <class Q, class T>
+class CompositeQuantizer : public QuantizerSurface<Q, T> {
+ public:
+  /// Data-parallel training (docs/distributed.md), as
+  /// VectorQuantizer::set_reducer: collective; throws on every rank, with
+  /// no part attached, unless every rank's quantizer (its config, its own
+  /// state and every part's) equals rank 0's. Then every part is attached
+  /// and a training step checks each rank's slice together (if one is
+  /// rejected every rank throws) before the parts run their collectives.
+  /// nullptr (or a reducer of size 1) returns to the single-process path.
+  void set_reducer(Reducer* reducer) {
+    for (auto& p : self().parts()) p.set_reducer(nullptr);  // leave the old group first
+    reducer_ = nullptr;
+    if (reducer == nullptr || reducer->size() == 1) return;
+    require_same_on_every_rank(*reducer, self().fingerprint(), Q::set_reducer_name);
+    for (auto& p : self().parts()) p.set_reducer(reducer);
+    reducer_ = reducer;
+  }
+  Reducer* reducer() const { return reducer_; }
+  /// Collective under a reducer: every part's memory bank gathers the rows
+  /// other ranks pushed (state() and checkpoints need it).
+  void sync_memory_bank() {
+    for (auto& p : self().parts()) p.sync_memory_bank();
+  }
+  /// Whether a training step's input checks are a collective.
+  bool collective() const { return reducer_ != nullptr && self().is_training(); }
+
+ protected:
+  /// The config's own fields, `extra` and every part's fingerprint: what
+  /// set_reducer compares across ranks.
+  template <class... Extra>
+  std::uint64_t fingerprint_with(const Extra&... extra) const {
+    Fingerprint f;
+    using Config = std::remove_cvref_t<decltype(self().config())>;
+    Config::visit_fields(self().config(), [&](const FieldKey&, const auto& v) { f.values(v); });
+    f.values(extra...);
+    for (const auto& p : self().parts()) f.values(fingerprint_of(p));
+    return f.value();
+  }
+
+  /// The batch's shape, the mask's length and (finite_rows) the real rows'
+  /// finiteness; under a reducer in training, on every rank together.
+  void check_input(ConstMatrixRef<T> x, const RowMask* mask, bool finite_rows) const {
+    auto check = [&] {
+      require_batch(x, self().dim(), Q::name, "x");
+      if (mask) require_mask(*mask, x.rows(), Q::name);
+      if (finite_rows) require_finite_rows<T>(x, mask, Q::name, "x");
+      return SliceCheck{x.rows(), true};
+    };
+    if (collective())
+      check_every_slice(*reducer_, check, Q::name);
+    else
+      check();
+  }
+
+ private:
+  Q& self() { return static_cast<Q&>(*this); }
+  const Q& self() const { return static_cast<const Q&>(*this); }
+  Reducer* reducer_ = nullptr;
 };
 
 }  // namespace vqkit::detail

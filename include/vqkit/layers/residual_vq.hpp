@@ -32,6 +32,11 @@
 // padded row. A row mask (core/row_mask.hpp) is passed to every level.
 // Input checks (shape, finiteness of the real rows, mask length) come before
 // any level runs, so a rejected batch changes nothing.
+//
+// Data parallel (set_reducer, docs/distributed.md): every level is attached
+// to the reducer; a training step checks every rank's slice together, then
+// each level's step is that of one process given the whole batch's
+// residuals, so every rank holds the same stack.
 #pragma once
 
 #include <cstdint>
@@ -66,6 +71,12 @@ struct ResidualVQConfig {
     detail::visit_field(f, {"", "shared"}, c.shared, R::unrestricted());
   }
 
+  /// Its nested config, by name (the JSON object "level").
+  template <class Self, class F>
+  static void visit_parts(Self& c, F&& f) {
+    f("level", c.level);
+  }
+
   void validate() const {
     constexpr const char* where = "ResidualVQConfig";
     visit_fields(*this, detail::field_checker(where));
@@ -79,9 +90,10 @@ struct ResidualVQConfig {
 };
 
 template <class T, class Backend = cpu>
-class ResidualVQ : public detail::QuantizerSurface<ResidualVQ<T, Backend>, T> {
+class ResidualVQ : public detail::CompositeQuantizer<ResidualVQ<T, Backend>, T> {
  public:
   static constexpr const char* name = "ResidualVQ::forward";
+  static constexpr const char* set_reducer_name = "ResidualVQ::set_reducer";
   using Level = VectorQuantizer<T, Backend>;
   struct Context {
     std::vector<typename Level::Context> level;  ///< the levels that ran, in order
@@ -116,8 +128,14 @@ class ResidualVQ : public detail::QuantizerSurface<ResidualVQ<T, Backend>, T> {
   void eval() { train(false); }
   bool is_training() const { return training_; }
 
-  // forward(x, out, ctx), forward(x, mask, out, ctx), forward(x, out): see
-  // quantizer_surface.hpp.
+  // forward(x, out, ctx), forward(x, mask, out, ctx), forward(x, out), and
+  // data-parallel training (set_reducer, sync_memory_bank): see
+  // quantizer_surface.hpp. Under a reducer the dropout draws agree on every
+  // rank (the same Rng state, compared when attaching).
+
+  /// What set_reducer compares across ranks: the config, the dropout Rng,
+  /// the training flag and every level's fingerprint.
+  std::uint64_t fingerprint() const { return this->fingerprint_with(rng_.state(), training_); }
 
   /// See the file comment. dout with 0 rows: the commitment terms alone.
   void backward(const Context& ctx, ConstMatrixRef<T> dout, RowMatrix<T>* dx) {
@@ -193,12 +211,13 @@ class ResidualVQ : public detail::QuantizerSurface<ResidualVQ<T, Backend>, T> {
 
  private:
   friend class detail::QuantizerSurface<ResidualVQ<T, Backend>, T>;
+  friend class detail::CompositeQuantizer<ResidualVQ<T, Backend>, T>;
+  std::vector<Level>& parts() { return levels_; }
+  const std::vector<Level>& parts() const { return levels_; }
 
   void run(ConstMatrixRef<T> x, const RowMask* mask, RowMatrix<T>& out, Context& ctx) {
-    constexpr const char* where = "ResidualVQ::forward";
-    detail::require_batch(x, dim(), where, "x");
+    this->check_input(x, mask, true);  // (before any level runs or the dropout draw)
     const Index N = x.rows();
-    detail::require_finite_rows<T>(x, mask, where, "x");
     ctx.active = num_levels();
     if (training_ && cfg_.quantize_dropout)
       ctx.active = cfg_.dropout_min_levels +
