@@ -570,6 +570,20 @@ TEST_CASE("GroupedVQ: separate heads are independent quantizers, shared is one o
     CHECK(out.row(3).isZero());
     CHECK_THROWS_WITH(gvq.forward(RowMatrix<double>::Zero(2, 5), out),
                       Contains("5 columns, expected 12"));
+    // A view of wider rows (outer stride > D) gives what its copy gives.
+    const RowMatrix<double> wide = clustered(N, G * d + 3, 10, 78);
+    const RowMatrix<double> copy = wide.leftCols(G * d);
+    vqkit::GroupedVQ<double> viewed(cfg), copied(cfg);
+    RowMatrix<double> out2, dx2;
+    auto c1 = viewed.forward(wide.leftCols(G * d), out);
+    auto c2 = copied.forward(copy, out2);
+    CHECK(out == out2);
+    CHECK(c1.indices == c2.indices);
+    const RowMatrix<double> dwide = vqkit::test::gaussian<double>(N, G * d + 3, 4);
+    viewed.backward(c1, dwide.leftCols(G * d), &dx);
+    copied.backward(c2, RowMatrix<double>(dwide.leftCols(G * d)), &dx2);
+    CHECK(dx == dx2);
+    CHECK(viewed.encode(wide.leftCols(G * d)) == copied.encode(copy));
   }
 }
 

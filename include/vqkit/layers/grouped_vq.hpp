@@ -140,7 +140,7 @@ class GroupedVQ
     if (cfg_.shared) {
       // (N x D row-major) == ((N G) x d row-major): the same memory.
       const RowMatrix<T> none(0, d);
-      heads_[0].backward(ctx.head[0], dout.rows() ? ConstMatrixRef<T>(as_heads(dout)) : ConstMatrixRef<T>(none),
+      heads_[0].backward(ctx.head[0], dout.rows() ? ConstMatrixRef<T>(as_heads(dout, hin_)) : ConstMatrixRef<T>(none),
                          dx ? &hgrad_ : nullptr);
       if (dx) *dx = Eigen::Map<const RowMatrix<T>>(hgrad_.data(), N, dim());
       return;
@@ -169,7 +169,8 @@ class GroupedVQ
     detail::require_batch(x, dim(), "GroupedVQ::encode", "x");
     const Index N = x.rows(), d = head_dim(), G = groups(), w = codes_per_head();
     if (cfg_.shared) {
-      const auto flat = heads_[0].encode(as_heads(x));  // (N G) x w, row-major
+      RowMatrix<T> copy;
+      const auto flat = heads_[0].encode(as_heads(x, copy));  // (N G) x w, row-major
       return Eigen::Map<const IndexMatrix>(flat.data(), N, G * w);
     }
     detail::require_finite(x, "GroupedVQ::encode", "x");
@@ -219,10 +220,15 @@ class GroupedVQ
 
   Index head_dim() const { return detail::head_dim(cfg_.head); }
 
-  /// The batch's head vectors, (N G) x d, over the same memory.
-  Eigen::Map<const RowMatrix<T>, 0, Eigen::OuterStride<>> as_heads(ConstMatrixRef<T> x) const {
-    VQKIT_REQUIRE(x.outerStride() == x.cols() || x.rows() <= 1, "GroupedVQ", "the batch's rows must be contiguous");
-    return {x.data(), x.rows() * groups(), head_dim(), Eigen::OuterStride<>(head_dim())};
+  /// The batch's head vectors, (N G) x d: over x's memory when its rows are
+  /// contiguous, else over a copy of x in `copy` (a view of wider rows).
+  Eigen::Map<const RowMatrix<T>> as_heads(ConstMatrixRef<T> x, RowMatrix<T>& copy) const {
+    const T* data = x.data();
+    if (x.outerStride() != x.cols() && x.rows() > 1) {
+      copy = x;
+      data = copy.data();
+    }
+    return {data, x.rows() * groups(), head_dim()};
   }
 
   void run(ConstMatrixRef<T> x, const RowMask* mask, RowMatrix<T>& out, Context& ctx) {
@@ -237,9 +243,9 @@ class GroupedVQ
       if (mask) {
         hmask_.resize(N * G);
         for (Index i = 0; i < N; ++i) hmask_.segment(i * G, G).setConstant((*mask)[i]);
-        heads_[0].forward(as_heads(x), hmask_, hout_, ctx.head[0]);
+        heads_[0].forward(as_heads(x, hin_), hmask_, hout_, ctx.head[0]);
       } else {
-        heads_[0].forward(as_heads(x), hout_, ctx.head[0]);
+        heads_[0].forward(as_heads(x, hin_), hout_, ctx.head[0]);
       }
       out = Eigen::Map<const RowMatrix<T>>(hout_.data(), N, dim());
       ctx.indices = Eigen::Map<const IndexMatrix>(ctx.head[0].indices.data(), N, G * w);
@@ -263,7 +269,7 @@ class GroupedVQ
 
   Config cfg_;
   std::vector<Head> heads_;
-  RowMatrix<T> hin_, hout_, hgrad_;  ///< a head's buffers (reused)
+  RowMatrix<T> hin_, hout_, hgrad_;  ///< a head's buffers (reused; shared: hin_ holds a strided batch's copy)
   RowMask hmask_;
 };
 
