@@ -537,3 +537,173 @@ TEST_CASE("a composite's bad slice, or ranks that differ, make every rank throw 
     CHECK_FALSE(attached[std::size_t(r)]);
   }
 }
+
+// ---- FSQ and LFQ under a reducer -------------------------------------------------
+
+namespace {
+
+struct GridStep {
+  IndexVector indices;
+  RowMatrix<double> out, dx;
+  CodebookMetrics metrics;
+  Index real = 0;  ///< this slice's real rows
+  double per_sample = 0, codebook = 0, commitment = 0;  ///< LFQ's loss terms
+};
+template <class Q>
+struct GridRun {
+  std::vector<GridStep> steps;
+  typename Q::State state;
+};
+
+/// 12 masked steps of 60 rows (test::scenario_mask: at step 5 the last
+/// half is padding, at step 6 every row), the whole batch without a
+/// reducer, this rank's slice with one; dx is FSQ's slope (dout = 1) or
+/// LFQ's loss gradient (no dout).
+template <class Q, class Config>
+GridRun<Q> train_grid(const Config& cfg, Reducer* reducer) {
+  test::Scenario sc;
+  sc.rows = 60;
+  Q q(cfg);
+  q.set_reducer(reducer);
+  GridRun<Q> run;
+  for (int s = 0; s < 12; ++s) {
+    const RowMatrix<double> x = test::gaussian<double>(sc.rows, q.dim(), 500 + std::uint64_t(s));
+    Index first = 0, count = sc.rows;
+    if (reducer) std::tie(first, count) = test::slice_of(sc.rows, reducer->rank(), reducer->size());
+    const RowMask m = test::scenario_mask(sc, s).segment(first, count);
+    GridStep st;
+    typename Q::Context ctx;
+    q.forward(x.middleRows(first, count), m, st.out, ctx);
+    st.indices = ctx.indices;
+    st.metrics = ctx.metrics;
+    st.real = Index(m.count());
+    if constexpr (std::is_same_v<Q, LFQ<double>>) {
+      q.backward(ctx, RowMatrix<double>(0, q.dim()), &st.dx);
+      st.per_sample = ctx.loss.per_sample_entropy;
+      st.codebook = ctx.loss.codebook_entropy;
+      st.commitment = ctx.loss.commitment;
+    } else {
+      q.backward(ctx, RowMatrix<double>::Ones(count, q.dim()), &st.dx);
+    }
+    run.steps.push_back(std::move(st));
+  }
+  run.state = q.state();
+  q.set_reducer(nullptr);
+  return run;
+}
+
+/// "" when P ranks match one process: indices and outputs row for row,
+/// metrics and usage state of the whole batch, LFQ's codebook entropy equal
+/// and its per-rank means and gradients those of one process rescaled to
+/// the rank's rows (n / n_r).
+template <class Q>
+std::string grid_difference(const std::vector<GridRun<Q>>& runs, const GridRun<Q>& ref) {
+  std::ostringstream os;
+  const auto near = [](double a, double b) { return std::abs(a - b) <= 1e-12 * std::max(1.0, std::abs(b)); };
+  for (std::size_t s = 0; s < ref.steps.size(); ++s) {
+    const GridStep& want = ref.steps[s];
+    Index first = 0;
+    double per_sample = 0, commitment = 0;
+    for (std::size_t r = 0; r < runs.size(); ++r) {
+      const GridStep& got = runs[r].steps[s];
+      const Index rows = got.indices.size();
+      if (got.indices != want.indices.segment(first, rows)) os << "step " << s << " rank " << r << ": indices; ";
+      if (got.out != want.out.middleRows(first, rows)) os << "step " << s << " rank " << r << ": out; ";
+      const auto &a = got.metrics, &b = want.metrics;
+      if (a.usage != b.usage || a.window_usage != b.window_usage || a.batch_rows != b.batch_rows ||
+          !near(a.perplexity, b.perplexity))
+        os << "step " << s << " rank " << r << ": metrics; ";
+      if (got.real > 0) {  // gradients: one process's, times n / n_r (FSQ: 1)
+        const double scale = std::is_same_v<Q, LFQ<double>> ? double(want.real) / double(got.real) : 1.0;
+        const RowMatrix<double> expect = scale * want.dx.middleRows(first, rows);
+        if (!test::close(got.dx, expect, 1e-9)) os << "step " << s << " rank " << r << ": dx; ";
+      } else if (got.dx.cwiseAbs().maxCoeff() != 0) {
+        os << "step " << s << " rank " << r << ": dx of padded rows; ";
+      }
+      if (!near(got.codebook, want.codebook)) os << "step " << s << " rank " << r << ": codebook entropy; ";
+      per_sample += got.per_sample * double(got.real);
+      commitment += got.commitment * double(got.real);
+      first += rows;
+    }
+    if (want.real > 0 && (!near(per_sample / double(want.real), want.per_sample) ||
+                          !near(commitment / double(want.real), want.commitment)))
+      os << "step " << s << ": the ranks' per-sample entropy or commitment, weighed by rows; ";
+  }
+  for (std::size_t r = 0; r < runs.size(); ++r) {
+    const auto &a = runs[r].state, &b = ref.state;
+    if (a.steps_since_used != b.steps_since_used || a.used_since_reset != b.used_since_reset ||
+        a.step != b.step)
+      os << "rank " << r << ": usage state; ";
+  }
+  return os.str();
+}
+
+template <class Q, class Config>
+std::string grid_check(const Config& cfg, int P) {
+  const auto ref = train_grid<Q>(cfg, nullptr);
+  std::vector<GridRun<Q>> runs(static_cast<std::size_t>(P));
+  run_ranks(P, [&](Reducer& r) { runs[std::size_t(r.rank())] = train_grid<Q>(cfg, &r); });
+  return grid_difference(runs, ref);
+}
+
+LfqConfig lfq_config() {
+  LfqConfig c;
+  c.dim = 6;
+  c.temperature = 2.0;  // soft enough that every term has a gradient
+  c.entropy_weight = 0.1;
+  c.usage_window = 3;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("FSQ and LFQ under a reducer: the whole batch's usage and codebook entropy, per-rank "
+          "means and gradients", "[distributed][grid]") {
+  FsqConfig f;
+  f.levels = {5, 4, 3};
+  f.usage_window = 3;
+  // The reference has what the comparison needs: an LFQ entropy gradient.
+  const auto ref = train_grid<LFQ<double>>(lfq_config(), nullptr);
+  REQUIRE(ref.steps[0].dx.cwiseAbs().maxCoeff() > 0);
+  REQUIRE(ref.steps[0].codebook > 0);
+  REQUIRE(ref.steps[6].real == 0);
+  for (int P : {2, 3}) {
+    INFO(P << " ranks");
+    CHECK(grid_check<FSQ<double>>(f, P) == "");
+    CHECK(grid_check<LFQ<double>>(lfq_config(), P) == "");
+  }
+}
+
+TEST_CASE("FSQ and LFQ under a reducer: a bad slice or differing ranks make every rank throw",
+          "[distributed][grid][errors]") {
+  std::vector<std::string> nan_msg(2), differ(2);
+  std::vector<LFQ<double>::State> before(2), after(2);
+  run_ranks(2, [&](Reducer& r) {
+    const auto me = std::size_t(r.rank());
+    LFQ<double> q(lfq_config());
+    q.set_reducer(&r);
+    RowMatrix<double> out;
+    LFQ<double>::Context ctx;
+    q.forward(test::gaussian<double>(20, 6, 3 + me), out, ctx);
+    before[me] = q.state();
+    RowMatrix<double> z = test::gaussian<double>(20, 6, 9 + me);
+    if (me == 0) z(2, 1) = std::numeric_limits<double>::infinity();
+    nan_msg[me] = message_of([&] { q.forward(z, out, ctx); });
+    after[me] = q.state();
+    q.forward(test::gaussian<double>(20, 6, 11 + me), out, ctx);  // still in step
+
+    FsqConfig f;
+    f.levels = me == 0 ? std::vector<int>{5, 4} : std::vector<int>{4, 5};  // same K, other grid
+    FSQ<double> wrong(f);
+    differ[me] = message_of([&] { wrong.set_reducer(&r); });
+    if (wrong.reducer() != nullptr) differ[me] += " (attached anyway)";
+  });
+  CHECK_THAT(nan_msg[0], Catch::Contains("z holds a non-finite value (inf) at row 2, column 1"));
+  CHECK_THAT(nan_msg[1], Catch::Contains("rank 0 rejected its slice"));
+  for (std::size_t r = 0; r < 2; ++r) {
+    CHECK(before[r].step == after[r].step);
+    CHECK(before[r].steps_since_used == after[r].steps_since_used);
+    CHECK_THAT(differ[r], Catch::Contains("FSQ::set_reducer") && Catch::Contains("rank 1 differs from rank 0's") &&
+                              !Catch::Contains("attached anyway"));
+  }
+}

@@ -75,6 +75,7 @@ class FSQ : public detail::GridQuantizer<FSQ<T>, T> {
  public:
   static constexpr const char* name = "FSQ::forward";
   static constexpr const char* state_name = "FSQ::set_state";
+  static constexpr const char* set_reducer_name = "FSQ::set_reducer";
   struct Context {
     IndexVector indices;   ///< N, -1 for padded rows
     RowMatrix<T> slope;    ///< N x D: d out / d z (the straight-through surrogate)
@@ -106,7 +107,9 @@ class FSQ : public detail::GridQuantizer<FSQ<T>, T> {
   const FsqConfig& config() const { return cfg_; }
   Index dim() const { return cfg_.dim(); }
   Index codebook_size() const { return cfg_.codebook_size(); }
-  // train, eval, is_training, step, usage, state, set_state: GridQuantizer.
+  // train, eval, is_training, step, usage, state, set_state, set_reducer:
+  // GridQuantizer (under a reducer the usage metrics and state count the
+  // whole batch; out, slope and indices stay per row).
 
   // forward(z, out, ctx), forward(z, mask, out, ctx), forward(z, out): see
   // quantizer_surface.hpp; z (N x D) -> out (N x D) on the grid.
@@ -175,11 +178,9 @@ class FSQ : public detail::GridQuantizer<FSQ<T>, T> {
   }
 
   void run(ConstMatrixRef<T> z, const RowMask* mask, RowMatrix<T>& out, Context& ctx) {
-    constexpr const char* where = "FSQ::forward";
-    detail::require_batch(z, dim(), where, "z");
-    const Index N = z.rows(), D = dim();
     // Padded rows may hold anything; real rows must be finite.
-    detail::require_finite_rows<T>(z, mask, where, "z");
+    this->check_input(z, mask, true, "z");
+    const Index N = z.rows(), D = dim();
     out.resize(N, D);
     ctx.indices.resize(N);
     ctx.slope.resize(N, D);
@@ -203,7 +204,7 @@ class FSQ : public detail::GridQuantizer<FSQ<T>, T> {
       ctx.indices[i] = index;
       book_.count(index);
     }
-    ctx.metrics = book_.finish();
+    ctx.metrics = book_.finish(this->collective() ? this->reducer_ : nullptr);
   }
 
   FsqConfig cfg_;

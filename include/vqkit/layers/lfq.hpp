@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <span>
 
 #include "vqkit/core/check.hpp"
 #include "vqkit/core/config_fields.hpp"
@@ -79,6 +80,7 @@ template <class T>
 class LFQ : public detail::GridQuantizer<LFQ<T>, T> {
  public:
   static constexpr const char* name = "LFQ::forward";
+  static constexpr const char* set_reducer_name = "LFQ::set_reducer";
   static constexpr const char* state_name = "LFQ::set_state";
   struct Context {
     IndexVector indices;  ///< N, -1 for padded rows
@@ -95,7 +97,13 @@ class LFQ : public detail::GridQuantizer<LFQ<T>, T> {
   const LfqConfig& config() const { return cfg_; }
   Index dim() const { return cfg_.dim; }
   Index codebook_size() const { return cfg_.codebook_size(); }
-  // train, eval, is_training, step, usage, state, set_state: GridQuantizer.
+  // train, eval, is_training, step, usage, state, set_state, set_reducer:
+  // GridQuantizer. Under a reducer the usage metrics and state count the
+  // whole batch and the codebook entropy is the whole batch's; the
+  // per-sample entropy, the commitment loss and every gradient are this
+  // rank's means over its own real rows n_r (rank r's gradient is n / n_r
+  // times one process's for the same rows: averaging the ranks' parameter
+  // gradients reproduces one process when the slices are equal).
 
   // forward(z, out, ctx), forward(z, mask, out, ctx), forward(z, out): see
   // quantizer_surface.hpp.
@@ -163,13 +171,12 @@ class LFQ : public detail::GridQuantizer<LFQ<T>, T> {
   }
 
   void run(ConstMatrixRef<T> z, const RowMask* mask, RowMatrix<T>& out, Context& ctx) {
-    constexpr const char* where = "LFQ::forward";
-    detail::require_batch(z, dim(), where, "z");
+    // the whole batch's real rows (over every rank under a reducer)
+    const Index n_all = this->check_input(z, mask, true, "z");
     const Index N = z.rows(), D = dim();
-    detail::require_finite_rows<T>(z, mask, where, "z");
     const double s = cfg_.codebook_scale, c = 4.0 * s / cfg_.temperature;
     auto real = [&](Index i) { return !mask || (*mask)[i]; };
-    Index n = 0;
+    Index n = 0;  // this rank's real rows
     for (Index i = 0; i < N; ++i) n += real(i) ? 1 : 0;
 
     out.setZero(N, D);
@@ -189,23 +196,29 @@ class LFQ : public detail::GridQuantizer<LFQ<T>, T> {
       ctx.indices[i] = index_of(z.row(i));
       book_.count(ctx.indices[i]);
     }
-    if (n > 0) {
-      const double denom = double(n) * double(D);
+    if (n_all > 0) {  // (the same on every rank: a rank without real rows still reduces)
+      const double denom = double(std::max<Index>(n, 1)) * double(D);
       ctx.loss.commitment = commit / denom;
       for (Index i = 0; i < N; ++i)
         if (real(i))
           for (Index j = 0; j < D; ++j)
             ctx.grad(i, j) = T(cfg_.commitment_weight * 2.0 * (double(z(i, j)) - double(out(i, j))) / denom);
-      if (cfg_.entropy_weight > 0) entropy_terms(z, real, n, c, ctx);
+      if (cfg_.entropy_weight > 0) entropy_terms(z, real, n, n_all, c, ctx);
       ctx.loss.entropy = ctx.loss.per_sample_entropy - cfg_.diversity_gamma * ctx.loss.codebook_entropy;
       ctx.loss.total = cfg_.entropy_weight * ctx.loss.entropy + cfg_.commitment_weight * ctx.loss.commitment;
     }
-    ctx.metrics = book_.finish();
+    ctx.metrics = book_.finish(this->collective() ? this->reducer_ : nullptr);
   }
 
-  /// The two entropies and entropy_weight times their gradient, added to ctx.grad.
+  /// The two entropies and entropy_weight times their gradient, added to
+  /// ctx.grad. n: this rank's real rows, n_all: the whole batch's (equal
+  /// without a reducer). The codebook entropy is that of the whole batch's
+  /// mean distribution A (its sum over the rows all-reduced under a
+  /// reducer); the per-sample entropy and every gradient are this rank's
+  /// means over its n rows, like every other loss under a reducer.
   template <class Real>
-  void entropy_terms(ConstMatrixRef<T> z, const Real& real, Index n, double c, Context& ctx) {
+  void entropy_terms(ConstMatrixRef<T> z, const Real& real, Index n, Index n_all, double c,
+                     Context& ctx) {
     const Index N = z.rows(), D = dim(), K = codebook_size();
     auto sigmoid = [](double u) {
       return u >= 0 ? 1.0 / (1.0 + std::exp(-u)) : std::exp(u) / (1.0 + std::exp(u));
@@ -227,16 +240,18 @@ class LFQ : public detail::GridQuantizer<LFQ<T>, T> {
       row_probs(p1_.data());
       avg_ += probs_;
     }
-    avg_ /= double(n);
+    if (this->collective())
+      this->reducer_->all_reduce_sum(std::span<double>(avg_.data(), std::size_t(K)));
+    avg_ /= double(n_all);
     double H = 0;
     log_avg_.resize(K);
     for (Index k = 0; k < K; ++k) {
       log_avg_[k] = avg_[k] > 0 ? std::log(avg_[k]) : 0.0;  // (avg 0: every P_i(k) is 0)
       H -= avg_[k] * log_avg_[k];
     }
-    ctx.loss.per_sample_entropy = per_sample / double(n);
+    ctx.loss.per_sample_entropy = n > 0 ? per_sample / double(n) : 0.0;
     ctx.loss.codebook_entropy = H;
-    if (cfg_.diversity_gamma == 0) return;
+    if (cfg_.diversity_gamma == 0 || n == 0) return;
     // d H(avg) / d z_ij = -(c / n) [sum_{k: bit j of k} log avg_k P_i(k) - p_ij sum_k log avg_k P_i(k)]
     const double w = cfg_.entropy_weight * cfg_.diversity_gamma * c / double(n);
     bits_.resize(D);

@@ -4,15 +4,19 @@
 //
 //   begin()           zero this step's counts (O(K));
 //   count(k)          one real row picked code k;
-//   finish(training)  record the step (training only) and return the batch
-//                     metrics with window usage;
+//   finish(reducer)   record the step (training only) and return the batch
+//                     metrics with window usage; with a reducer (a data-
+//                     parallel training step: every rank calls it), the
+//                     counts are first summed over the ranks (K values);
 //   state() / set_state()   usage counters, step and training flag.
 #pragma once
 
 #include <cstdint>
+#include <span>
 
 #include "vqkit/core/check.hpp"
 #include "vqkit/core/types.hpp"
+#include "vqkit/distributed/reducer.hpp"
 #include "vqkit/quantizer/dead_codes.hpp"
 #include "vqkit/quantizer/metrics.hpp"
 
@@ -36,7 +40,8 @@ class ImplicitCodebook {
 
   void begin() { counts_.setZero(usage_.size()); }
   void count(std::int64_t k) { counts_[k] += 1; }
-  CodebookMetrics finish() {
+  CodebookMetrics finish(Reducer* reducer = nullptr) {
+    if (reducer) reducer->all_reduce_sum(std::span<double>(counts_.data(), std::size_t(counts_.size())));
     if (training_) {
       usage_.record(counts_);
       ++step_;
