@@ -230,6 +230,32 @@ TEST_CASE("state() / set_state() continue bit-identically", "[vq][state]") {
   CHECK(same_state<float>(a.state(), b.state()));
 }
 
+TEST_CASE("a copy continues bit-identically and independently of the original, in both search "
+          "precisions", "[vq][state]") {
+  for (auto precision : {Precision::fp32, Precision::bf16_rerank}) {
+    auto cfg = small_config(32, 64);  // (D = 64: the search kernels run)
+    cfg.search_precision = precision;
+    cfg.dead.policy = DeadCodePolicy::replace;
+    VectorQuantizer<float> a(cfg, cpu{2});
+    RowMatrix<float> q, qb;
+    for (int s = 0; s < 10; ++s) a.forward(test::gaussian<float>(96, 64, 40 + s), q);
+    VectorQuantizer<float> b = a;  // (the kernels' scratch starts empty in the copy)
+    CHECK(same_state<float>(a.state(), b.state()));
+    VectorQuantizer<float> c(cfg);
+    c = a;
+    for (int s = 0; s < 10; ++s) {
+      const auto x = test::gaussian<float>(96, 64, 60 + s);
+      auto ca = a.forward(x, q);
+      auto cb = b.forward(x, qb);
+      REQUIRE(ca.indices == cb.indices);
+      REQUIRE(q == qb);
+    }
+    CHECK(same_state<float>(a.state(), b.state()));
+    CHECK(c.step() == 10);  // the copy did not move with the original
+    CHECK(a.step() == 20);
+  }
+}
+
 TEST_CASE("results are bit-identical for 1 and 2 threads", "[vq][determinism]") {
   auto cfg = small_config(128, 16);
   VectorQuantizer<float> one(cfg, cpu{1}), two(cfg, cpu{2});

@@ -287,6 +287,17 @@ namespace k512 {
 struct AlignedBuffer {
   std::unique_ptr<float[], decltype(&std::free)> p{nullptr, &std::free};
   Index size = 0;
+  // Scratch: a copy starts empty (it grows on first use), so a quantizer
+  // that owns one can be copied.
+  AlignedBuffer() = default;
+  AlignedBuffer(const AlignedBuffer&) {}
+  AlignedBuffer& operator=(const AlignedBuffer&) {
+    p.reset();
+    size = 0;
+    return *this;
+  }
+  AlignedBuffer(AlignedBuffer&&) noexcept = default;
+  AlignedBuffer& operator=(AlignedBuffer&&) noexcept = default;
   float* get(Index n) {
     if (n > size) {
       const std::size_t bytes = std::size_t((n + 15) / 16 * 16) * sizeof(float);
@@ -315,7 +326,7 @@ struct Scratch;  // nearest_code_bf16.hpp
 /// Scratch of the search kernels (see SearchMode::workspace): the fp32
 /// kernel's code norms and parameters and one block of packed rows and
 /// running results per thread; the bf16 kernel's scratch. Buffers only grow.
-/// A copy starts with an empty bf16 scratch (scratch is never shared).
+/// A copy starts with empty kernel scratch (scratch is never shared).
 struct SearchWorkspace {
   struct Bf16Holder {
     std::shared_ptr<detail::kbf16::Scratch> p;
