@@ -204,7 +204,7 @@ class FSQ : public detail::GridQuantizer<FSQ<T>, T> {
       ctx.indices[i] = index;
       book_.count(index);
     }
-    ctx.metrics = book_.finish(this->collective() ? this->reducer_ : nullptr);
+    ctx.metrics = book_.finish(this->step_reducer());
   }
 
   FsqConfig cfg_;

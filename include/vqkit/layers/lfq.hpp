@@ -207,7 +207,7 @@ class LFQ : public detail::GridQuantizer<LFQ<T>, T> {
       ctx.loss.entropy = ctx.loss.per_sample_entropy - cfg_.diversity_gamma * ctx.loss.codebook_entropy;
       ctx.loss.total = cfg_.entropy_weight * ctx.loss.entropy + cfg_.commitment_weight * ctx.loss.commitment;
     }
-    ctx.metrics = book_.finish(this->collective() ? this->reducer_ : nullptr);
+    ctx.metrics = book_.finish(this->step_reducer());
   }
 
   /// The two entropies and entropy_weight times their gradient, added to
@@ -240,8 +240,8 @@ class LFQ : public detail::GridQuantizer<LFQ<T>, T> {
       row_probs(p1_.data());
       avg_ += probs_;
     }
-    if (this->collective())
-      this->reducer_->all_reduce_sum(std::span<double>(avg_.data(), std::size_t(K)));
+    if (Reducer* r = this->step_reducer())
+      r->all_reduce_sum(std::span<double>(avg_.data(), std::size_t(K)));
     avg_ /= double(n_all);
     double H = 0;
     log_avg_.resize(K);

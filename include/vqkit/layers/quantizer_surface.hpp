@@ -8,8 +8,9 @@
 // length checked against the batch, by name, before run) and
 // forward(x, out) -> Context.
 // and the data-parallel parts every quantizer shares (docs/distributed.md):
-// reducer(), collective() (a reducer is attached and the quantizer trains)
-// and check_input(), which checks a training batch on every rank together.
+// reducer(), collective() (a reducer is attached and the quantizer trains),
+// step_reducer() and check_input(), which every run() calls first: it checks
+// the batch and mask, on every rank together in a collective step.
 // GridQuantizer<Q, T> adds what the fixed-grid quantizers (FSQ, LFQ) share:
 // their ImplicitCodebook (usage, step, training flag), its accessors and
 // set_reducer. CompositeQuantizer<Q, T> adds what the quantizers built of
@@ -36,14 +37,9 @@ class QuantizerSurface {
   void forward(ConstMatrixRef<T> x, RowMatrix<T>& out, Context& ctx) {
     self().run(x, nullptr, out, ctx);
   }
+  /// (run() checks the batch and the mask's length: check_input)
   template <class Context>
   void forward(ConstMatrixRef<T> x, const RowMask& mask, RowMatrix<T>& out, Context& ctx) {
-    // (under a reducer run() checks them on every rank together: a rank
-    // that threw here alone would leave the others waiting)
-    if (!collective()) {
-      require_batch(x, self().dim(), Q::name, "x");
-      require_mask(mask, x.rows(), Q::name);
-    }
     self().run(x, &mask, out, ctx);
   }
   auto forward(ConstMatrixRef<T> x, RowMatrix<T>& out) {
@@ -56,6 +52,8 @@ class QuantizerSurface {
   /// Whether a training step is a collective (a reducer of size > 1 is
   /// attached and the quantizer trains); eval-mode calls stay local.
   bool collective() const { return reducer_ != nullptr && self().is_training(); }
+  /// The reducer of a collective step, else nullptr (a local step).
+  Reducer* step_reducer() const { return collective() ? reducer_ : nullptr; }
 
  protected:
   /// The batch's shape, the mask's length and (finite_rows) the real rows'
