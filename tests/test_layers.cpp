@@ -540,6 +540,38 @@ TEST_CASE("LayerNorm float matches double") {
   CHECK(close_float(f.bias_grad, d.bias_grad));
 }
 
+TEST_CASE("LayerNorm gives the same bits on 1 and 2 threads, dx aliasing dy included") {
+  // 700 x 96 is past the size where rows and columns are split over threads.
+  const Index n = 700, c = 96;
+  vqkit::Rng rng(9);
+  vqkit::LayerNorm<float> one(c, 1e-5f, vqkit::cpu{1}), two(c, 1e-5f, vqkit::cpu{2});
+  vqkit::LayerNorm<double> ref(c);
+  ref.weight = randn(1, c, rng);
+  ref.bias = randn(1, c, rng);
+  one.weight = two.weight = ref.weight.cast<float>();
+  one.bias = two.bias = ref.bias.cast<float>();
+  const RowMatrix<double> x = randn(n, c, rng), g = randn(n, c, rng);
+  RowMatrix<float> y1, y2, dx1;
+  const auto c1 = one.forward(x.cast<float>(), y1);
+  const auto c2 = two.forward(x.cast<float>(), y2);
+  one.backward(c1, g.cast<float>(), &dx1);
+  RowMatrix<float> dx2 = g.cast<float>();
+  two.backward(c2, dx2, &dx2);  // dx overwrites dy
+  CHECK(y1 == y2);
+  CHECK(dx1 == dx2);
+  CHECK(one.weight_grad == two.weight_grad);
+  CHECK(one.bias_grad == two.bias_grad);
+  // and against double arithmetic
+  RowMatrix<double> yd, dxd;
+  const auto cd = ref.forward(x, yd);
+  ref.backward(cd, g, &dxd);
+  CHECK(close_float(y1, yd));
+  CHECK(close_float(dx1, dxd));
+  // (sums of 700 float terms)
+  CHECK(close_float(one.weight_grad, ref.weight_grad, 1e-4));
+  CHECK(close_float(one.bias_grad, ref.bias_grad, 1e-4));
+}
+
 TEST_CASE("LayerNorm rejects bad arguments and changes nothing") {
   CHECK_THROWS_WITH(vqkit::LayerNorm<double>(0), Contains("LayerNorm") && Contains("dim=0"));
   CHECK_THROWS_AS(vqkit::LayerNorm<double>(-1), vqkit::error);

@@ -261,6 +261,21 @@ TEST_CASE("space_to_depth follows the documented slot order and depth_to_space i
   CHECK_THROWS_WITH(vqkit::space_to_depth<double>(x, MapShape{2, 4, 4}, 2), Contains("input has 40 rows"));
 }
 
+TEST_CASE("space_to_depth and depth_to_space into a buffer move the same values on 2 threads") {
+  // Large enough for the rows to be split over threads.
+  vqkit::Rng rng(25);
+  const MapShape m{2, 64, 32};
+  const RowMatrix<float> x = randn(m.rows(), 16, rng).cast<float>();
+  for (auto order : {SubpixelOrder::row_major, SubpixelOrder::swin}) {
+    RowMatrix<float> z1, z2, back;
+    vqkit::space_to_depth<float>(x, m, 4, order, z1);
+    vqkit::space_to_depth<float>(x, m, 4, order, z2, vqkit::cpu{2});
+    CHECK(z1 == z2);
+    vqkit::depth_to_space<float>(z2, m, 4, order, back, vqkit::cpu{2});
+    CHECK(back == x);
+  }
+}
+
 // ------------------------------------------------------------- PatchEmbed ---
 
 TEST_CASE("PatchEmbed matches torch reshape/permute + nn.Linear + nn.LayerNorm") {

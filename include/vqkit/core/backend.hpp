@@ -7,6 +7,8 @@
 // VectorQuantizer<T, Backend> calls the same names whatever the backend.
 #pragma once
 
+#include <algorithm>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -54,5 +56,55 @@ void parallel_for_dynamic(const cpu& be, I n, int chunk, F&& f) {
     for (I i = 0; i < n; ++i) f(i);
   }
 }
+
+
+namespace detail {
+
+/// Loops over fewer elements than this run on the calling thread: a
+/// parallel region costs microseconds, more than such a loop.
+inline constexpr long kParallelMinElements = 1L << 15;
+
+/// f(i) for each row i of an (n, cols) array, the rows split over be's
+/// threads when the array is large enough. For row-independent work, whose
+/// results cannot depend on the split.
+template <class I, class F>
+void parallel_rows(const cpu& be, I n, I cols, F&& f) {
+  if (long(n) * long(cols) >= kParallelMinElements) {
+    parallel_for(be, n, f);
+  } else {
+    for (I i = 0; i < n; ++i) f(i);
+  }
+}
+
+/// f(c0, w) for a split of the columns [0, cols) of an (n, cols) array into
+/// one contiguous range per thread (widths a multiple of 16 but the last),
+/// or once for all columns when the array is small. For column sums that
+/// add the rows in order inside f: each column's bits do not depend on
+/// the split, so results are the same for any thread count.
+template <class I, class F>
+void parallel_column_ranges(const cpu& be, I n, I cols, F&& f) {
+  const I groups = (cols + 15) / 16;
+  const int t = be.num_threads();
+  if (t <= 1 || groups < 2 || long(n) * long(cols) < kParallelMinElements) {
+    if (cols > 0) f(I(0), cols);
+    return;
+  }
+  const I ranges = std::min<I>(I(t), groups);
+  const I width = (groups + ranges - 1) / ranges * 16;
+  parallel_for(be, ranges, [&](I r) {
+    const I c0 = r * width;
+    if (c0 < cols) f(c0, std::min<I>(width, cols - c0));
+  });
+}
+
+/// dst = src (Eigen matrices), resizing dst, the rows copied on be's threads
+/// when large. dst must not overlap src unless it is src.
+template <class Src, class Dst>
+void copy_rows(const cpu& be, const Src& src, Dst& dst) {
+  dst.resize(src.rows(), src.cols());
+  parallel_rows(be, src.rows(), src.cols(), [&](auto i) { dst.row(i) = src.row(i); });
+}
+
+}  // namespace detail
 
 }  // namespace vqkit

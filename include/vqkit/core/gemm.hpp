@@ -311,15 +311,25 @@ void gemm(const cpu& be, Op opa, ConstMatrixRef<T> a, Op opb, ConstMatrixRef<T> 
       using namespace detail::gemm512;
       const detail::Strided<float> sa = detail::strided<float>(a, opa);
       const detail::Strided<float> sb = detail::strided<float>(b, opb);
-      const Index tm = (M + MC - 1) / MC, tn = (N + NC - 1) / NC;
+      const Index tn = (N + NC - 1) / NC;
+      Index mc = MC, tm = (M + MC - 1) / MC;
+      const int threads = be.num_threads();
+      const bool threaded = threads > 1 && double(M) * N * K >= detail::kGemmParallelWork;
+      if (threaded && tm * tn < 4 * threads) {
+        // Few tasks: smaller row blocks of about equal height (a multiple of
+        // MR), so that the threads' shares even out (bits do not change).
+        const Index want = std::min((M + MR - 1) / MR, (4 * threads + tn - 1) / tn);
+        mc = ((M + want - 1) / want + MR - 1) / MR * MR;
+        tm = (M + mc - 1) / mc;
+      }
       float* cp = c.data();
       const Index ldc = c.outerStride();
       const auto run = [&](Index t) {
-        const Index i0 = (t / tn) * MC, j0 = (t % tn) * NC;
-        block(sa, sb, K, cp, ldc, i0, std::min(MC, M - i0), j0, std::min(NC, N - j0), accumulate,
+        const Index i0 = (t / tn) * mc, j0 = (t % tn) * NC;
+        block(sa, sb, K, cp, ldc, i0, std::min(mc, M - i0), j0, std::min(NC, N - j0), accumulate,
               bias);
       };
-      if (be.num_threads() > 1 && tm * tn > 1 && double(M) * N * K >= detail::kGemmParallelWork)
+      if (threaded && tm * tn > 1)
         parallel_for_dynamic(be, tm * tn, 1, run);
       else
         for (Index t = 0; t < tm * tn; ++t) run(t);

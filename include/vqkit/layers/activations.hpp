@@ -58,8 +58,11 @@ class Relu {
 
   /// The same into a context whose buffer is reused.
   void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, Context& ctx) const {
-    ctx.input = x;  // copied first, so y may alias x
-    y = ctx.input.unaryExpr([](T v) { return value(v); });
+    detail::copy_rows(backend_, x, ctx.input);  // copied first, so y may alias x
+    y.resize(ctx.input.rows(), ctx.input.cols());
+    detail::parallel_rows(backend_, y.rows(), y.cols(), [&](Index i) {
+      y.row(i) = ctx.input.row(i).unaryExpr([](T v) { return value(v); });
+    });
   }
 
   /// dy: (N, C), the forward input's shape. If dx is given, overwrites it
@@ -71,7 +74,10 @@ class Relu {
     if (dx == nullptr) return;
     if (dx->rows() != dy.rows() || dx->cols() != dy.cols()) dx->resize(dy.rows(), dy.cols());
     // element by element: dx may be dy
-    dx->array() = dy.array() * ctx.input.unaryExpr([](T v) { return derivative(v); }).array();
+    detail::parallel_rows(backend_, dy.rows(), dy.cols(), [&](Index i) {
+      dx->row(i).array() =
+          dy.row(i).array() * ctx.input.row(i).unaryExpr([](T v) { return derivative(v); }).array();
+    });
   }
 
   /// No parameters: always empty.

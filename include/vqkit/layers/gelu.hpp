@@ -112,7 +112,7 @@ class Gelu {
 
   /// The same into a context whose buffer is reused.
   void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, Context& ctx) const {
-    ctx.input = x;  // copied first, so y may alias x
+    detail::copy_rows(backend_, x, ctx.input);  // copied first, so y may alias x
     y.resize(ctx.input.rows(), ctx.input.cols());
     if constexpr (std::is_same_v<T, float> && std::is_same_v<Backend, cpu>)
       detail::gelu_float<false>(backend_, ctx.input.data(), nullptr, y.data(), y.size());

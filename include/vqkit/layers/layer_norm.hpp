@@ -27,6 +27,7 @@
 // vqkit::error leaves the layer and the outputs untouched.
 #pragma once
 
+#include <cmath>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -73,21 +74,22 @@ class LayerNorm {
     check_state("LayerNorm::forward");
     VQKIT_REQUIRE(x.cols() == dim_, "LayerNorm::forward", "x has ", x.cols(),
                   " columns, expected dim=", dim_);
-    ctx.input = x;  // copied first, so y may alias x
+    detail::copy_rows(backend_, x, ctx.input);  // copied first, so y may alias x
     const RowMatrix<T>& in = ctx.input;
-    ctx.mean.resize(in.rows());
-    ctx.mean.noalias() = in.rowwise().mean();                            // (N)
-    ctx.rstd.resize(in.rows());
-    ctx.rstd.noalias() =
-        ((in.colwise() - ctx.mean).array().square().rowwise().mean() + eps_).rsqrt().matrix();
-    y.resize(in.rows(), dim_);
-    y.array() = (((in.colwise() - ctx.mean).array().colwise() * ctx.rstd.array())  // xhat
-                     .rowwise() * weight.row(0).array())
-                    .rowwise() + bias.row(0).array();
+    const Index n = in.rows();
+    ctx.mean.resize(n);
+    ctx.rstd.resize(n);
+    y.resize(n, dim_);
+    // Rows are independent: any split over threads gives the same bits.
+    detail::parallel_rows(backend_, n, dim_, [&](Index i) {
+      const T m = in.row(i).mean();
+      const T r = T(1) / std::sqrt((in.row(i).array() - m).square().mean() + eps_);
+      ctx.mean[i] = m;
+      ctx.rstd[i] = r;
+      y.row(i).array() = ((in.row(i).array() - m) * r) * weight.row(0).array() + bias.row(0).array();
+    });
   }
 
-  /// dy: (N, C). Accumulates weight_grad / bias_grad; if dx is given,
-  /// overwrites it with dL/dx (N, C). dx may be the same matrix as dy.
   void backward(const Context& ctx, ConstMatrixRef<T> dy, RowMatrix<T>* dx) {
     check_state("LayerNorm::backward");
     const Index n = ctx.input.rows();
@@ -103,28 +105,29 @@ class LayerNorm {
     // scratch: no allocation once it has the batch's size).
     RowMatrix<T>& xhat = xhat_;
     xhat.resize(n, dim_);
-    xhat.array() = (ctx.input.colwise() - ctx.mean).array().colwise() * ctx.rstd.array();
-    const auto dxhat = dy.array().rowwise() * weight.row(0).array();  // (N, C), lazy
-    // Row statistics first, so that dx may overwrite dy below.
-    Vector<T>& m1 = m1_;
-    Vector<T>& m2 = m2_;
-    if (dx != nullptr) {
-      m1.resize(n);
-      m2.resize(n);
-      m1.array() = dxhat.rowwise().mean();                    // mean_c(dxhat)        (N)
-      m2.array() = (dxhat * xhat.array()).rowwise().mean();   // mean_c(dxhat * xhat) (N)
-    }
-    weight_grad.array() += (dy.array() * xhat.array()).colwise().sum();
-    bias_grad += dy.colwise().sum();
-    if (dx != nullptr) {
-      dx->resize(n, dim_);
-      dx->array() = ((dxhat - xhat.array().colwise() * m2.array()).colwise() - m1.array())
-                        .colwise() * ctx.rstd.array();
-    }
+    // Rows are independent, and each column sums its rows in order, whatever
+    // the split over threads: the same bits for any thread count.
+    detail::parallel_rows(backend_, n, dim_, [&](Index i) {
+      xhat.row(i).array() = (ctx.input.row(i).array() - ctx.mean[i]) * ctx.rstd[i];
+    });
+    detail::parallel_column_ranges(backend_, n, dim_, [&](Index c0, Index w) {
+      auto wg = weight_grad.row(0).segment(c0, w).array();
+      auto bg = bias_grad.row(0).segment(c0, w).array();
+      for (Index i = 0; i < n; ++i) {
+        wg += dy.row(i).segment(c0, w).array() * xhat.row(i).segment(c0, w).array();
+        bg += dy.row(i).segment(c0, w).array();
+      }
+    });
+    if (dx == nullptr) return;
+    dx->resize(n, dim_);  // after the sums above, so dx may alias dy
+    detail::parallel_rows(backend_, n, dim_, [&](Index i) {
+      const auto dxhat = dy.row(i).array() * weight.row(0).array();
+      const T m1 = dxhat.mean();                          // mean_c(dxhat)
+      const T m2 = (dxhat * xhat.row(i).array()).mean();  // mean_c(dxhat * xhat)
+      dx->row(i).array() = (dxhat - xhat.row(i).array() * m2 - m1) * ctx.rstd[i];
+    });
   }
 
-  /// "weight" {C} and "bias" {C}, both without weight decay; names prefixed
-  /// with `prefix`.
   ParameterList<T> parameters(const std::string& prefix = "") {
     ParameterList<T> list;
     list.push_back({prefix + "weight", &weight, &weight_grad, {dim_}, false});
@@ -167,7 +170,6 @@ class LayerNorm {
 
   // backward's scratch, kept between calls (no state).
   RowMatrix<T> xhat_;
-  Vector<T> m1_, m2_;
 };
 
 }  // namespace vqkit

@@ -86,7 +86,7 @@ class Linear {
     check_state("Linear::forward");
     VQKIT_REQUIRE(x.cols() == in_, "Linear::forward", "x has ", x.cols(),
                   " columns, expected in_features=", in_);
-    ctx.input = x;  // copied first, so y may alias x
+    detail::copy_rows(backend_, x, ctx.input);  // copied first, so y may alias x
     y.resize(ctx.input.rows(), out_);
     // (N,C) x (C,OC) + bias
     gemm<T>(backend_, Op::none, ctx.input, Op::transpose, weight, y, false,
@@ -103,9 +103,11 @@ class Linear {
                   "dy is ", dy.rows(), "x", dy.cols(), ", expected ", ctx.input.rows(), "x",
                   out_, " (N from the forward input, out_features=", out_, ")");
     gemm<T>(backend_, Op::transpose, dy, Op::none, ctx.input, weight_grad, true);  // (OC,N) x (N,C)
-    if (has_bias_) {
-      auto bg = bias_grad.row(0);
-      for (Index n = 0; n < dy.rows(); ++n) bg += dy.row(n);  // rows in order
+    if (has_bias_) {  // rows in order (each thread a range of columns)
+      detail::parallel_column_ranges(backend_, dy.rows(), out_, [&](Index c0, Index w) {
+        auto bg = bias_grad.row(0).segment(c0, w);
+        for (Index n = 0; n < dy.rows(); ++n) bg += dy.row(n).segment(c0, w);
+      });
     }
     if (dx != nullptr) {
       if (overlaps(*dx, dy)) {

@@ -106,39 +106,40 @@ namespace detail {
 // Copies between a fine map (B*H*W, C) and its coarse form (B*(H/p)*(W/p),
 // p*p*C); ToCoarse picks the direction. Shapes already checked.
 template <bool ToCoarse, class Fine, class Coarse>
-void move_patches(Fine& fine, Coarse& coarse, const MapShape& fs, Index p, SubpixelOrder order) {
+void move_patches(Fine& fine, Coarse& coarse, const MapShape& fs, Index p, SubpixelOrder order,
+                  const cpu& be) {
   const Index C = fine.cols();
   const MapShape cs{fs.batch, fs.height / p, fs.width / p};
-  for (Index b = 0; b < cs.batch; ++b)
-    for (Index Y = 0; Y < cs.height; ++Y)
-      for (Index X = 0; X < cs.width; ++X) {
-        const Index r = cs.row(b, Y, X);
-        for (Index dy = 0; dy < p; ++dy)
-          for (Index dx = 0; dx < p; ++dx) {
-            const Index slot = order == SubpixelOrder::row_major ? dy * p + dx : dx * p + dy;
-            const Index fr = fs.row(b, Y * p + dy, X * p + dx);
-            if constexpr (ToCoarse)
-              coarse.row(r).segment(slot * C, C) = fine.row(fr);
-            else
-              fine.row(fr) = coarse.row(r).segment(slot * C, C);
-          }
+  // One coarse row at a time (its p*p fine rows are its own: any split over
+  // threads moves the same values).
+  parallel_rows(be, cs.rows(), p * p * C, [&](Index r) {
+    const Index X = r % cs.width, Y = (r / cs.width) % cs.height, b = r / (cs.width * cs.height);
+    for (Index dy = 0; dy < p; ++dy)
+      for (Index dx = 0; dx < p; ++dx) {
+        const Index slot = order == SubpixelOrder::row_major ? dy * p + dx : dx * p + dy;
+        const Index fr = fs.row(b, Y * p + dy, X * p + dx);
+        if constexpr (ToCoarse)
+          coarse.row(r).segment(slot * C, C) = fine.row(fr);
+        else
+          fine.row(fr) = coarse.row(r).segment(slot * C, C);
       }
+  });
 }
 
 }  // namespace detail
 
 /// (B*H*W, C) -> (B*(H/p)*(W/p), p*p*C); see the header comment for the order.
 /// Into `out` (resized; its buffer is reused when the size matches), which
-/// must not be x.
+/// must not be x; the rows are moved on be's threads.
 template <class T>
 void space_to_depth(ConstMatrixRef<T> x, const MapShape& fine, Index p, SubpixelOrder order,
-                    RowMatrix<T>& out) {
+                    RowMatrix<T>& out, const cpu& be = cpu{1}) {
   const MapShape cs = coarse_shape(fine, p, "space_to_depth");
   require_map(x, fine, "space_to_depth");
   VQKIT_REQUIRE(x.size() == 0 || out.data() != x.data(), "space_to_depth",
                 "out must not be the input");
   out.resize(cs.rows(), p * p * x.cols());
-  detail::move_patches<true>(x, out, fine, p, order);
+  detail::move_patches<true>(x, out, fine, p, order, be);
 }
 
 template <class T>
@@ -153,7 +154,7 @@ RowMatrix<T> space_to_depth(ConstMatrixRef<T> x, const MapShape& fine, Index p,
 /// inverse of space_to_depth with the same p and order. Into `out` as above.
 template <class T>
 void depth_to_space(ConstMatrixRef<T> z, const MapShape& fine, Index p, SubpixelOrder order,
-                    RowMatrix<T>& out) {
+                    RowMatrix<T>& out, const cpu& be = cpu{1}) {
   const MapShape cs = coarse_shape(fine, p, "depth_to_space");
   require_map(z, cs, "depth_to_space");
   VQKIT_REQUIRE(z.cols() % (p * p) == 0, "depth_to_space", "input has ", z.cols(),
@@ -161,7 +162,7 @@ void depth_to_space(ConstMatrixRef<T> z, const MapShape& fine, Index p, Subpixel
   VQKIT_REQUIRE(z.size() == 0 || out.data() != z.data(), "depth_to_space",
                 "out must not be the input");
   out.resize(fine.rows(), z.cols() / (p * p));
-  detail::move_patches<false>(out, z, fine, p, order);
+  detail::move_patches<false>(out, z, fine, p, order, be);
 }
 
 template <class T>

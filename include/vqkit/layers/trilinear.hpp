@@ -266,7 +266,7 @@ class TrilinearSampler {
   void grid_gradient(const Context& ctx, const ConstMatrixRef<T>& dy, RowMatrix<T>& dg) const {
     const Index P = ctx.points.rows(), C = geo_.channels;
     const Index rows = ctx.batch * geo_.ny * geo_.nx;
-    dg.setZero(rows, geo_.grid_cols());
+    dg.resize(rows, geo_.grid_cols());  // each row zeroed by the thread that sums into it (below)
     std::vector<Cell> cells(static_cast<std::size_t>(P));
 #pragma omp parallel for schedule(static) num_threads(backend_.num_threads()) if (P >= 256)
     for (Index p = 0; p < P; ++p)
@@ -298,6 +298,7 @@ class TrilinearSampler {
 #pragma omp parallel for schedule(dynamic, 64) num_threads(backend_.num_threads()) \
     if (start.back() >= 2048)
     for (Index r = 0; r < rows; ++r) {
+      dg.row(r).setZero();
       for (Index e = start[static_cast<std::size_t>(r)]; e < start[static_cast<std::size_t>(r) + 1];
            ++e) {
         const std::int64_t code = entries[static_cast<std::size_t>(e)];

@@ -229,7 +229,7 @@ class TokenizerNet {
     c.grid_ln = grid_ln.forward(x, g);
     c.grid_fc = grid_fc.forward(g, grid_scratch_);
     depth_to_space<T>(grid_scratch_, grid_shape(B), config.feature_upsample(),
-                      SubpixelOrder::row_major, out.grid);
+                      SubpixelOrder::row_major, out.grid, grid_fc.backend());
     record(out, "grid_head", out.grid);
     c.skip_ln = skip_ln.forward(x, g);
     if (skip_down(config) > 1)
@@ -257,7 +257,7 @@ class TokenizerNet {
                   where, "dlogits is ", dlogits.rows(), "x", dlogits.cols(), ", expected ",
                   occupancy_shape(B).rows(), "x", config.voxels_z);
     space_to_depth<T>(dgrid, grid_shape(B), config.feature_upsample(), SubpixelOrder::row_major,
-                      grid_scratch_);
+                      grid_scratch_, grid_fc.backend());
     RowMatrix<T> dx, d2;
     grid_fc.backward(c.grid_fc, grid_scratch_, &dx);
     grid_ln.backward(c.grid_ln, dx, &dx);
@@ -329,7 +329,9 @@ class TokenizerNet {
   }
 
   void zero_grad() {
-    for (auto& p : parameters()) p.grad->setZero();
+    const ParameterList<T> params = parameters();
+    parallel_for_dynamic(grid_fc.backend(), Index(params.size()), 1,
+                         [&](Index i) { params[std::size_t(i)].grad->setZero(); });
     vq.zero_grad();
   }
 
