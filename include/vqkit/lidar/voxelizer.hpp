@@ -209,8 +209,23 @@ Voxelization<T> voxelize(const std::vector<ConstMatrixRef<T>>& frames, const Vox
     out.point_offset(k, 2) = T(static_cast<double>(f(i, 2)) - (grid.z_min + (c[2] + 0.5) * sz));
   }
 
-  std::sort(keys.begin(), keys.end(),
-            [](const Kept& a, const Kept& b) { return a.key != b.key ? a.key < b.key : a.point < b.point; });
+  // Sort by (key, point); points were appended in increasing order, so a
+  // stable sort by key alone gives the same order. Where the key range is
+  // not much larger than the point count (the small grid: 2 x 16 x 128 x 128
+  // keys for ~240 K points), a counting sort; else a comparison sort.
+  const std::int64_t range = std::int64_t(B) * grid.nz * grid.ny * grid.nx;
+  if (range <= 4 * std::int64_t(keys.size()) + (std::int64_t(1) << 20)) {
+    std::vector<Index> start(static_cast<std::size_t>(range) + 1, 0);
+    for (const Kept& k : keys) ++start[static_cast<std::size_t>(k.key) + 1];
+    for (std::size_t r = 0; r < static_cast<std::size_t>(range); ++r) start[r + 1] += start[r];
+    std::vector<Kept> sorted(keys.size());
+    for (const Kept& k : keys) sorted[static_cast<std::size_t>(start[static_cast<std::size_t>(k.key)]++)] = k;
+    keys.swap(sorted);
+  } else {
+    std::sort(keys.begin(), keys.end(), [](const Kept& a, const Kept& b) {
+      return a.key != b.key ? a.key < b.key : a.point < b.point;
+    });
+  }
   Index V = 0;
   for (std::size_t k = 0; k < keys.size(); ++k)
     if (k == 0 || keys[k].key != keys[k - 1].key) ++V;
