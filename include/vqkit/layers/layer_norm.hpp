@@ -90,6 +90,8 @@ class LayerNorm {
     });
   }
 
+  /// dy: (N, C). Accumulates weight_grad / bias_grad; if dx is given,
+  /// overwrites it with dL/dx (N, C). dx may be the same matrix as dy.
   void backward(const Context& ctx, ConstMatrixRef<T> dy, RowMatrix<T>* dx) {
     check_state("LayerNorm::backward");
     const Index n = ctx.input.rows();
@@ -128,6 +130,8 @@ class LayerNorm {
     });
   }
 
+  /// "weight" {C} and "bias" {C}, both without weight decay; names prefixed
+  /// with `prefix`.
   ParameterList<T> parameters(const std::string& prefix = "") {
     ParameterList<T> list;
     list.push_back({prefix + "weight", &weight, &weight_grad, {dim_}, false});
