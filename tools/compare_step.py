@@ -62,6 +62,19 @@ def default_python():
     return "/usr/bin/python3"
 
 
+def openblas_core(python):
+    """The kernel set OpenBLAS picks for torch here ("Core: ..." of OPENBLAS_VERBOSE=2)."""
+    env = dict(os.environ)
+    env["OPENBLAS_VERBOSE"] = "2"
+    probe = "import torch; (torch.ones(64, 64) @ torch.ones(64, 64)).sum()"
+    p = subprocess.run([python, "-c", probe], env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout.splitlines():
+        if line.startswith("Core: "):
+            return line[len("Core: "):].strip()
+    return "unknown (not OpenBLAS, or it printed nothing)"
+
+
 def run_one(cmd, env_extra, verbose):
     env = dict(os.environ)
     env.update(env_extra)
@@ -154,6 +167,12 @@ def main():
 
     blas = os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")
     print(f"vqkit: {vq}\ntorch: {args.python} {args.torch_script} (libblas.so.3 -> {blas})")
+    core = openblas_core(args.python)
+    print(f"OpenBLAS kernels for torch: {core}")
+    if core == "Prescott":
+        print("  warning: OpenBLAS does not know this CPU and runs its SSE3 kernels, which makes\n"
+              "  PyTorch's GEMMs slow; set OPENBLAS_CORETYPE (e.g. SkylakeX or Cooperlake on an\n"
+              "  AVX-512 CPU) for a fair comparison")
     print(f"rounds {rounds}; each round runs vqkit then torch; output in {args.out}\n")
 
     summary = []
