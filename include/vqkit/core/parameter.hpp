@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "vqkit/core/backend.hpp"
 #include "vqkit/core/types.hpp"
 
 namespace vqkit {
@@ -36,6 +37,14 @@ void append_parameters(ParameterList<T>& to, ParameterList<T> from, const std::s
     p.name = prefix + p.name;
     to.push_back(std::move(p));
   }
+}
+
+/// f(p) for every parameter p of the list, the parameters spread over be's
+/// threads (each one whole on one thread): for elementwise work on the
+/// gradients (zeroing, scaling), whose bits do not depend on the split.
+template <class T, class F>
+void for_each_parameter(const cpu& be, const ParameterList<T>& params, F&& f) {
+  parallel_for_dynamic(be, Index(params.size()), 1, [&](Index i) { f(params[std::size_t(i)]); });
 }
 
 }  // namespace vqkit

@@ -329,9 +329,8 @@ class TokenizerNet {
   }
 
   void zero_grad() {
-    const ParameterList<T> params = parameters();
-    parallel_for_dynamic(grid_fc.backend(), Index(params.size()), 1,
-                         [&](Index i) { params[std::size_t(i)].grad->setZero(); });
+    for_each_parameter(grid_fc.backend(), parameters(),
+                       [](const ParameterRef<T>& p) { p.grad->setZero(); });
     vq.zero_grad();
   }
 

@@ -143,7 +143,7 @@ class AdamW {
 
   /// Sets every parameter's gradient to zero.
   void zero_grad() {
-    for (auto& p : params_) p.grad->setZero();
+    for_each_parameter(backend_, params_, [](const ParameterRef<T>& p) { p.grad->setZero(); });
   }
 
   void set_lr(double lr) {

@@ -63,9 +63,8 @@ double clip_grad_norm(const cpu& be, const ParameterList<T>& params, double max_
   if (!std::isfinite(total)) return total;
   const double coef = max_norm / (total + 1e-6);
   if (coef < 1.0) {
-    const T c = static_cast<T>(coef);  // elementwise: any split over threads, the same bits
-    parallel_for_dynamic(be, Index(params.size()), 1,
-                         [&](Index i) { *params[std::size_t(i)].grad *= c; });
+    const T c = static_cast<T>(coef);
+    for_each_parameter(be, params, [c](const ParameterRef<T>& p) { *p.grad *= c; });
   }
   return total;
 }
