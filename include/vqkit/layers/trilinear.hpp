@@ -305,7 +305,7 @@ class TrilinearSampler {
         const Index p = code / 8;
         const int k = static_cast<int>(code % 8);
         const Cell& c = cells[static_cast<std::size_t>(p)];
-        Index row, col;
+        Index row = 0, col = 0;  // corner_index sets both
         corner_index(c, k, ctx.batch_index[p], row, col);
         dg.row(r).segment(col, C) += static_cast<T>(corner_weight(c, k)) * dy.row(p);
       }
