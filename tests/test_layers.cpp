@@ -682,38 +682,88 @@ TEST_CASE("Gelu float matches double") {
 
 TEST_CASE("Gelu float keeps ~1 ulp relative precision, tail included, on any thread count") {
   // Every float from -14 to 14 in steps of 2^-10 (28673 values, padded to
-  // 2^17 by repetition so the threaded path runs), against std::erfc in double.
-  const Index n = Index(1) << 17;
+  // 2^17 + 5 by repetition so the threaded path and a partial vector run),
+  // against std::erfc in double; both kernels: AVX-512 (where the CPU has it,
+  // whatever this program's flags) and the generic Eigen one.
+  const Index n = (Index(1) << 17) + 5;
   RowMatrix<float> x(1, n), g(1, n);
   for (Index i = 0; i < n; ++i) {
     x(0, i) = -14.0f + float(i % 28673) / 1024.0f;
     g(0, i) = 1.0f + float(i % 7);
   }
-  RowMatrix<float> y1, y2, d1, d2;
-  vqkit::Gelu<float> one(vqkit::cpu{1}), two(vqkit::cpu{2});
-  const auto c1 = one.forward(x, y1);
-  const auto c2 = two.forward(x, y2);
-  one.backward(c1, g, &d1);
-  two.backward(c2, g, &d2);
-  CHECK(y1 == y2);
-  CHECK(d1 == d2);
-  double worst_y = 0, worst_d = 0;
-  for (Index i = 0; i < n; ++i) {
-    const double v = x(0, i);
-    const double yd = vqkit::Gelu<double>::value(v);
-    const double dd = double(g(0, i)) * vqkit::Gelu<double>::derivative(v);
-    // gelu' = Phi(x) + x phi(x) crosses 0 near x = -0.75: its error is
-    // relative to the size of the two terms
-    const double terms = double(g(0, i)) * (0.5 * std::erfc(-v / std::sqrt(2.0)) +
-                                            std::abs(v) * std::exp(-0.5 * v * v) / std::sqrt(2 * M_PI));
-    // relative error in units of float's epsilon, where the value is a normal float
-    if (std::abs(yd) > 1e-37) worst_y = std::max(worst_y, std::abs(y1(0, i) - yd) / std::abs(yd));
-    if (terms > 1e-37) worst_d = std::max(worst_d, std::abs(d1(0, i) - dd) / terms);
+  for (const bool generic : {false, true}) {
+    vqkit::detail::avx512_disabled = generic;
+    INFO((generic ? "generic kernel" : vqkit::detail::cpu_has_avx512f() ? "AVX-512 kernel" : "generic kernel (no AVX-512 here)"));
+    RowMatrix<float> y1, y2, d1, d2;
+    vqkit::Gelu<float> one(vqkit::cpu{1}), two(vqkit::cpu{2});
+    const auto c1 = one.forward(x, y1);
+    const auto c2 = two.forward(x, y2);
+    one.backward(c1, g, &d1);
+    two.backward(c2, g, &d2);
+    CHECK(y1 == y2);
+    CHECK(d1 == d2);
+    double worst_y = 0, worst_d = 0;
+    for (Index i = 0; i < n; ++i) {
+      const double v = x(0, i);
+      const double yd = vqkit::Gelu<double>::value(v);
+      const double dd = double(g(0, i)) * vqkit::Gelu<double>::derivative(v);
+      // gelu' = Phi(x) + x phi(x) crosses 0 near x = -0.75: its error is
+      // relative to the size of the two terms
+      const double terms = double(g(0, i)) * (0.5 * std::erfc(-v / std::sqrt(2.0)) +
+                                              std::abs(v) * std::exp(-0.5 * v * v) / std::sqrt(2 * M_PI));
+      // relative error in units of float's epsilon, where the value is a normal float
+      if (std::abs(yd) > 1e-37) worst_y = std::max(worst_y, std::abs(y1(0, i) - yd) / std::abs(yd));
+      if (terms > 1e-37) worst_d = std::max(worst_d, std::abs(d1(0, i) - dd) / terms);
+    }
+    const double eps = std::numeric_limits<float>::epsilon();
+    INFO("worst relative error: forward " << worst_y / eps << " eps, backward " << worst_d / eps << " eps");
+    CHECK(worst_y <= 2 * eps);
+    CHECK(worst_d <= 2 * eps);
   }
-  const double eps = std::numeric_limits<float>::epsilon();
-  INFO("worst relative error: forward " << worst_y / eps << " eps, backward " << worst_d / eps << " eps");
-  CHECK(worst_y <= 2 * eps);
-  CHECK(worst_d <= 2 * eps);
+  vqkit::detail::avx512_disabled = false;
+}
+
+TEST_CASE("Gelu float: both kernels agree on special values") {
+  // inf, -inf (0 * inf: NaN, as the scalar formula gives), NaN, +-0,
+  // subnormals, and values past exp's range, in a 21-value row (one full
+  // 16-lane group and a masked remainder).
+  const float inf = std::numeric_limits<float>::infinity();
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  RowMatrix<float> x(1, 21);
+  x << inf, -inf, nan, 0.0f, -0.0f, 1e-40f, -1e-40f, 1e-30f, -1e-30f, 40.0f, -40.0f, 1e30f, -1e30f,
+      3.0e38f, -3.0e38f, 0.5f, -0.5f, 7.0f, -7.0f, 1e-3f, -1e-3f;
+  const RowMatrix<float> g = RowMatrix<float>::Constant(1, 21, 1.5f);
+  RowMatrix<float> y[2], d[2];
+  for (const int generic : {0, 1}) {
+    vqkit::detail::avx512_disabled = generic == 1;
+    vqkit::Gelu<float> gelu;
+    const auto ctx = gelu.forward(x, y[generic]);
+    gelu.backward(ctx, g, &d[generic]);
+  }
+  vqkit::detail::avx512_disabled = false;
+  for (Index i = 0; i < x.cols(); ++i) {
+    INFO("x = " << x(0, i) << ": y " << y[0](0, i) << " / " << y[1](0, i) << ", dx " << d[0](0, i)
+                << " / " << d[1](0, i));
+    for (const auto* m : {&y, &d}) {
+      const float a = (*m)[0](0, i), b = (*m)[1](0, i);
+      if (std::isinf(x(0, i)) && m == &d) {
+        // gelu'(+-inf): the formula's inf * exp(-inf) is NaN in double and in
+        // the AVX-512 kernel; Eigen's exp stops at exp(-708) > 0, so its
+        // kernel says +-inf. Both report the overflow as non-finite.
+        CHECK(!std::isfinite(a));
+        CHECK(!std::isfinite(b));
+      } else {
+        CHECK(((std::isnan(a) && std::isnan(b)) || a == b ||
+               std::abs(a - b) <= 2 * std::numeric_limits<float>::epsilon() * std::abs(b)));
+      }
+    }
+    // and both against the double formula where it is a number
+    const double yd = vqkit::Gelu<double>::value(x(0, i));
+    if (!std::isnan(yd) && std::abs(yd) < 3e38) CHECK(y[0](0, i) == Approx(yd).epsilon(1e-6).margin(1e-38));
+  }
+  CHECK(y[0](0, 0) == inf);
+  CHECK(y[0](0, 3) == 0.0f);
+  CHECK(std::isnan(y[0](0, 2)));
 }
 
 TEST_CASE("Gelu rejects a mismatched dy and changes nothing") {

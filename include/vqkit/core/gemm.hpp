@@ -86,11 +86,7 @@ Strided<T> strided(const ConstMatrixRef<T>& m, Op op) {
 inline constexpr double kGemmParallelWork = double(1 << 20);
 
 #if VQKIT_K512
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+VQKIT_K512_WARNINGS_OFF
 namespace gemm512 {
 
 // Blocking: a task is an MC x NC block of c; for each KC-deep slice of k it
@@ -238,9 +234,7 @@ VQKIT_K512_TARGET inline void block(const Strided<float>& a, const Strided<float
 }
 
 }  // namespace gemm512
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+VQKIT_K512_WARNINGS_ON
 #endif  // VQKIT_K512
 
 /// Rows of c per block of the generic path (a function of nothing but the

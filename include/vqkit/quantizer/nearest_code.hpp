@@ -349,14 +349,7 @@ struct SearchWorkspace {
 namespace detail {
 
 #if VQKIT_K512
-// GCC 12's own avx512fintrin.h trips -W(maybe-)uninitialized on every
-// _mm512_undefined_* (GCC bug 105593, fixed in 13); a consumer's -Wall
-// would show it now that the kernel is compiled without -march.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+VQKIT_K512_WARNINGS_OFF
 // ---- the AVX-512 kernel (float) ------------------------------------------------
 //
 // Scores, maximised with ties to the lowest index:
@@ -693,9 +686,7 @@ VQKIT_K512_TARGET inline bool nearest_code_avx512(const cpu& be, ConstMatrixRef<
   }
   return true;
 }
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+VQKIT_K512_WARNINGS_ON
 #endif  // VQKIT_K512
 
 
