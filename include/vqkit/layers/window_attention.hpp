@@ -54,7 +54,9 @@
 //   Parameter gradients accumulate (+=); dx is overwritten.
 //
 // Threads and determinism (Backend::threads, OpenMP). Windows run in
-// parallel, each window's small GEMMs single-threaded; every output and
+// parallel, each window's small GEMMs single-threaded (core/gemm.hpp's
+// kernel, chosen at run time, so a consumer built without -march gets its
+// AVX-512 code); every output and
 // input-gradient row is written by exactly one window, and the bias-table
 // gradient is summed over windows in window order from per-window partials.
 // qkv and proj are Linear layers, whose GEMMs (core/gemm.hpp) give the same
@@ -79,6 +81,7 @@
 
 #include "vqkit/core/backend.hpp"
 #include "vqkit/core/error.hpp"
+#include "vqkit/core/gemm.hpp"
 #include "vqkit/core/random.hpp"
 #include "vqkit/core/types.hpp"
 #include "vqkit/layers/linear.hpp"
@@ -152,6 +155,7 @@ class WindowAttention {
       std::vector<Index> rows(n);
       std::vector<int> label(n);
       RowMatrix<T> win(n, 3 * C), out(n, C), s(n, n);
+      const cpu one{1};  // each window's GEMMs on this thread
 #pragma omp for schedule(dynamic, 1)
       for (Index wi = 0; wi < nwin; ++wi) {
         const bool masked = window_rows(shape, shift, wi, rows.data(), label.data());
@@ -160,7 +164,7 @@ class WindowAttention {
           const auto q = win.middleCols(h * d, d);
           const auto k = win.middleCols(C + h * d, d);
           const auto v = win.middleCols(2 * C + h * d, d);
-          s.noalias() = q * k.transpose();
+          gemm<T>(one, Op::none, q, Op::transpose, k, s, false);
           s *= scale;
           s += Eigen::Map<const RowMatrix<T>>(bias.row(h).data(), n, n);
           if (masked) {
@@ -178,7 +182,7 @@ class WindowAttention {
           const Vector<T> inv = s.rowwise().sum().cwiseInverse();
           s = inv.asDiagonal() * s;
           Eigen::Map<RowMatrix<T>>(probs.row(wi * nh + h).data(), n, n) = s;
-          out.middleCols(h * d, d).noalias() = s * v;
+          gemm<T>(one, Op::none, s, Op::none, v, out.middleCols(h * d, d), false);
         }
         for (Index t = 0; t < n; ++t) o.row(rows[t]) = out.row(t);
       }
@@ -218,6 +222,7 @@ class WindowAttention {
       std::vector<Index> rows(n);
       std::vector<int> label(n);
       RowMatrix<T> win(n, 3 * C), dwin(n, 3 * C), dwo(n, C), dp(n, n), ds(n, n);
+      const cpu one{1};
 #pragma omp for schedule(dynamic, 1)
       for (Index wi = 0; wi < nwin; ++wi) {
         window_rows(shape, shift, wi, rows.data(), label.data());
@@ -231,14 +236,14 @@ class WindowAttention {
           const auto v = win.middleCols(2 * C + h * d, d);
           const auto dO = dwo.middleCols(h * d, d);
           const Eigen::Map<const RowMatrix<T>> p(ctx.probs.row(wi * nh + h).data(), n, n);
-          dp.noalias() = dO * v.transpose();
-          dwin.middleCols(2 * C + h * d, d).noalias() = p.transpose() * dO;
+          gemm<T>(one, Op::none, dO, Op::transpose, v, dp, false);
+          gemm<T>(one, Op::transpose, p, Op::none, dO, dwin.middleCols(2 * C + h * d, d), false);
           const Vector<T> rs = (p.array() * dp.array()).rowwise().sum();
           ds = p.array() * (dp.colwise() - rs).array();
           Eigen::Map<RowMatrix<T>>(dbias_win.row(wi).data() + h * n * n, n, n) = ds;
-          dwin.middleCols(h * d, d).noalias() = ds * k;
+          gemm<T>(one, Op::none, ds, Op::none, k, dwin.middleCols(h * d, d), false);
           dwin.middleCols(h * d, d) *= scale;
-          dwin.middleCols(C + h * d, d).noalias() = ds.transpose() * q;
+          gemm<T>(one, Op::transpose, ds, Op::none, q, dwin.middleCols(C + h * d, d), false);
           dwin.middleCols(C + h * d, d) *= scale;
         }
         for (Index t = 0; t < n; ++t) dqkv.row(rows[t]) = dwin.row(t);
