@@ -70,12 +70,8 @@
 
 #define VQKIT_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
-// GCC bug 105593 (see nearest_code.hpp): not a consumer's warning to see.
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#endif
+// GCC bug 105593 (core/simd.hpp): not a consumer's warning to see.
+VQKIT_K512_WARNINGS_OFF
 
 namespace vqkit::detail {
 namespace kbf16 {
@@ -546,9 +542,7 @@ inline bool nearest_code_bf16(const cpu& be, ConstMatrixRef<float> codes, ConstM
 
 }  // namespace vqkit::detail
 
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic pop
-#endif
+VQKIT_K512_WARNINGS_ON
 #undef VQKIT_BF16_TARGET
 
 #endif  // VQKIT_BF16_KERNEL
