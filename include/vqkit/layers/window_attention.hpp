@@ -54,11 +54,11 @@
 //   Parameter gradients accumulate (+=); dx is overwritten.
 //
 // Threads and determinism (Backend::threads, OpenMP). Windows run in
-// parallel, each window's small GEMMs single-threaded (core/gemm.hpp's
-// kernel, chosen at run time, so a consumer built without -march gets its
-// AVX-512 code); every output and
-// input-gradient row is written by exactly one window, and the bias-table
-// gradient is summed over windows in window order from per-window partials.
+// parallel, each window's small GEMMs single-threaded (core/gemm.hpp, whose
+// AVX-512 kernel is chosen at run time, so a consumer built without -march
+// gets it); every output and input-gradient row is written by exactly one
+// window, and the bias-table gradient is summed over windows in window order
+// from per-window partials.
 // qkv and proj are Linear layers, whose GEMMs (core/gemm.hpp) give the same
 // bits for any thread count. So every result is bit-identical for any
 // thread count.
