@@ -62,9 +62,11 @@ def default_python():
     return "/usr/bin/python3"
 
 
-def openblas_core(python):
-    """The kernel set OpenBLAS picks for torch here ("Core: ..." of OPENBLAS_VERBOSE=2)."""
+def openblas_core(python, env_extra=None):
+    """The kernel set OpenBLAS picks for torch here ("Core: ..." of
+    OPENBLAS_VERBOSE=2), with env_extra (e.g. OPENBLAS_CORETYPE) set."""
     env = dict(os.environ)
+    env.update(env_extra or {})
     env["OPENBLAS_VERBOSE"] = "2"
     probe = "import torch; (torch.ones(64, 64) @ torch.ones(64, 64)).sum()"
     p = subprocess.run([python, "-c", probe], env=env, stdout=subprocess.PIPE,
@@ -75,20 +77,47 @@ def openblas_core(python):
     return "unknown (not OpenBLAS, or it printed nothing)"
 
 
-def run_one(cmd, env_extra, verbose):
+def report_openblas(core, how_to_set, env_extra=None):
+    """Prints the OpenBLAS core torch runs and warns on the SSE3 fallback;
+    how_to_set names the way to pick another (an option or a variable)."""
+    coretype = (env_extra or {}).get("OPENBLAS_CORETYPE")
+    print(f"OpenBLAS kernels for torch: {core}"
+          + (f" (OPENBLAS_CORETYPE={coretype})" if coretype else ""))
+    if core == "Prescott":
+        print("  warning: OpenBLAS does not know this CPU and runs its SSE3 kernels, which makes\n"
+              f"  PyTorch's GEMMs slow; {how_to_set} (e.g. SkylakeX or Cooperlake on an\n"
+              "  AVX-512 CPU, Haswell on an AVX2 one) for a fair comparison")
+
+
+def find_program(path, build_hint):
+    """path as given when it exists from the current directory, else from the
+    repository root; exits naming build_hint when neither exists."""
+    if not os.path.isabs(path) and not os.path.exists(path):
+        path = os.path.join(REPO, path)
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} not found: {build_hint}")
+    return path
+
+
+def run_one(cmd, env_extra, verbose, cwd=None, merge_stderr=False):
+    """Runs cmd with env_extra added, printing the command line; returns
+    (stdout, wall seconds). Exits with the output's tail when cmd fails.
+    verbose shows stderr (with merge_stderr, the merged output)."""
     env = dict(os.environ)
     env.update(env_extra)
     line = " ".join(f"{k}={v}" for k, v in env_extra.items()) + " " + shlex.join(cmd)
     print(f"  $ {line}", flush=True)
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True)
     wall = time.perf_counter() - t0
     if verbose:
-        sys.stdout.write(p.stderr)
+        sys.stdout.write(p.stdout if merge_stderr else p.stderr)
     if p.returncode != 0:
-        sys.stdout.write(p.stdout[-4000:] + p.stderr[-4000:])
+        sys.stdout.write(p.stdout[-6000:] if merge_stderr else p.stdout[-4000:] + p.stderr[-4000:])
         raise SystemExit(f"command failed with exit status {p.returncode}: {line}")
-    return wall
+    return p.stdout, wall
 
 
 def figures(data, init, refine):
@@ -148,12 +177,8 @@ def main():
                          "where the CPU has AVX512-BF16); PyTorch always runs fp32")
     args = ap.parse_args()
 
-    vq = args.vqkit
-    if not os.path.isabs(vq) and not os.path.exists(vq):
-        vq = os.path.join(REPO, vq)
-    if not os.path.exists(vq):
-        raise SystemExit(f"{vq} not found: build it (cmake -DVQKIT_BUILD_BENCHMARKS=ON, "
-                         f"target vqkit_step_compare) or pass --vqkit")
+    vq = find_program(args.vqkit, "build it (cmake -DVQKIT_BUILD_BENCHMARKS=ON, target "
+                                  "vqkit_step_compare) or pass --vqkit")
     shapes, threads, rounds = SHAPES, THREADS, args.rounds
     if args.quick:
         shapes, threads, rounds = [(4, 1024)], [1], 1
@@ -168,11 +193,7 @@ def main():
     blas = os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")
     print(f"vqkit: {vq}\ntorch: {args.python} {args.torch_script} (libblas.so.3 -> {blas})")
     core = openblas_core(args.python)
-    print(f"OpenBLAS kernels for torch: {core}")
-    if core == "Prescott":
-        print("  warning: OpenBLAS does not know this CPU and runs its SSE3 kernels, which makes\n"
-              "  PyTorch's GEMMs slow; set OPENBLAS_CORETYPE (e.g. SkylakeX or Cooperlake on an\n"
-              "  AVX-512 CPU) for a fair comparison")
+    report_openblas(core, "set OPENBLAS_CORETYPE")
     print(f"rounds {rounds}; each round runs vqkit then torch; output in {args.out}\n")
 
     summary = []
@@ -193,7 +214,7 @@ def main():
                     cmd = ([vq] if impl == "vqkit" else [args.python, args.torch_script]) + flags
                     if impl == "vqkit":
                         cmd += ["--search-precision", args.search_precision]
-                    wall = run_one(cmd, env, args.verbose)
+                    _, wall = run_one(cmd, env, args.verbose)
                     with open(path) as f:
                         data = json.load(f)
                     fig = figures(data, init, refine)

@@ -36,34 +36,15 @@ import re
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tools"))
-from compare_step import openblas_core  # noqa: E402  (OPENBLAS_VERBOSE=2 probe of torch's BLAS)
+from compare_step import find_program, openblas_core, report_openblas, run_one  # noqa: E402
 
 VQKIT_MEDIAN = re.compile(r"step time, median of this run's (\d+) steps: ([0-9.eE+-]+) s")
 TORCH_LINE = re.compile(r"^torch_tokenizer: (.*)$", re.M)
-
-
-def run(cmd, env_extra, verbose):
-    env = dict(os.environ)
-    env.update(env_extra)
-    line = " ".join(f"{k}={v}" for k, v in env_extra.items()) + " " + shlex.join(cmd)
-    print(f"  $ {line}", flush=True)
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                       text=True)
-    wall = time.perf_counter() - t0
-    if verbose:
-        sys.stdout.write(p.stdout)
-    if p.returncode != 0:
-        sys.stdout.write(p.stdout[-6000:])
-        raise SystemExit(f"command failed with exit status {p.returncode}: {line}")
-    return p.stdout, wall
 
 
 def vqkit_figures(stdout, out_dir):
@@ -121,14 +102,9 @@ def main():
     ap.add_argument("--verbose", action="store_true", help="show both programs' output")
     args = ap.parse_args()
 
-    vq = args.vqkit
-    if not os.path.isabs(vq) and not os.path.exists(vq):
-        vq = os.path.join(REPO, vq)
-    vq = os.path.abspath(vq)
-    if not os.path.exists(vq):
-        raise SystemExit(f"{vq} not found: build train_tokenizer (e.g. cmake -S . -B build-bench "
-                         f"-DCMAKE_BUILD_TYPE=Release && cmake --build build-bench --target "
-                         f"train_tokenizer) or pass --vqkit")
+    vq = find_program(args.vqkit, "build train_tokenizer (e.g. cmake -S . -B build-bench "
+                                  "-DCMAKE_BUILD_TYPE=Release && cmake --build build-bench --target "
+                                  "train_tokenizer) or pass --vqkit")
     threads = [int(t) for t in args.threads.split(",") if t.strip()]
     if args.rounds < 1 or args.steps < 2 or not threads or min(threads) < 1:
         raise SystemExit("need --rounds >= 1, --steps >= 2 and thread counts >= 1")
@@ -136,21 +112,10 @@ def main():
     torch_env = {}
     if args.openblas_core:
         torch_env["OPENBLAS_CORETYPE"] = args.openblas_core
-    saved = os.environ.get("OPENBLAS_CORETYPE")
-    os.environ.update(torch_env)
-    core = openblas_core(args.python)
-    if saved is None:
-        os.environ.pop("OPENBLAS_CORETYPE", None)
-    else:
-        os.environ["OPENBLAS_CORETYPE"] = saved
+    core = openblas_core(args.python, torch_env)
     blas = os.path.realpath("/usr/lib/x86_64-linux-gnu/libblas.so.3")
     print(f"vqkit: {vq}\ntorch: {args.python} {args.torch_script} (libblas.so.3 -> {blas})")
-    print(f"OpenBLAS kernels for torch: {core}"
-          + (f" (OPENBLAS_CORETYPE={args.openblas_core})" if args.openblas_core else ""))
-    if core == "Prescott":
-        print("  warning: OpenBLAS does not know this CPU and runs its SSE3 kernels, which makes\n"
-              "  PyTorch's GEMMs slow; pass --openblas-core (e.g. SkylakeX or Cooperlake on an\n"
-              "  AVX-512 CPU, Haswell on an AVX2 one) for a fair comparison")
+    report_openblas(core, "pass --openblas-core", torch_env)
     print(f"{args.rounds} round(s) x threads {threads}, {args.steps} steps per run; "
           f"each pair runs vqkit then torch\n")
 
@@ -165,7 +130,7 @@ def main():
                        "0", "--out", out_dir, "--seed", str(seed)]
                 if args.data:
                     cmd += ["--data", args.data]
-                out, wall_v = run(cmd, env, args.verbose)
+                out, wall_v = run_one(cmd, env, args.verbose, cwd=REPO, merge_stderr=True)
                 v = vqkit_figures(out, out_dir)
             finally:
                 shutil.rmtree(out_dir, ignore_errors=True)
@@ -173,7 +138,8 @@ def main():
                    "--seed", str(seed)] + shlex.split(args.torch_args)
             if args.data:
                 cmd += ["--data", args.data]
-            out, wall_t = run(cmd, {**env, **torch_env}, args.verbose)
+            out, wall_t = run_one(cmd, {**env, **torch_env}, args.verbose, cwd=REPO,
+                                  merge_stderr=True)
             t = torch_figures(out)
             ratio = t["median_s"] / v["median_s"] if v["median_s"] > 0 else float("nan")
             print(f"    round {r} threads {T}: vqkit {v['median_s']:.3f} s (all-step median "
