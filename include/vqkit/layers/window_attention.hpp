@@ -150,7 +150,10 @@ class WindowAttention {
 #pragma omp parallel num_threads(threads) if (parallel)
     {
 #ifdef _OPENMP
-      omp_set_num_threads(1);  // this task's ICV only: the small GEMMs below stay serial
+      // This task's ICV only. The window GEMMs run on one thread anyway
+      // (cpu{1}); at 1 here, gemm's serial-Eigen guard (double) skips its
+      // ICV save and restore on every call.
+      omp_set_num_threads(1);
 #endif
       std::vector<Index> rows(n);
       std::vector<int> label(n);
