@@ -2,6 +2,8 @@
 #include <vqkit/quantizer/init.hpp>
 #include <vqkit/quantizer/kmeans.hpp>
 
+#include <algorithm>
+
 #include "test_util.hpp"
 
 using namespace vqkit;
@@ -212,6 +214,38 @@ TEST_CASE("batched k-means++ never picks a row equal to a centre (norm-trick can
     }
     for (Index p = 0; p < pts; ++p) CHECK(seen[std::size_t(p)] == 1);
   }
+}
+
+TEST_CASE("batched k-means++ in float: the kernel path (no centred copy) and the generic one agree",
+          "[kmeans]") {
+  // Data far from the origin, k large enough for batches of 16 and more
+  // (searched). The AVX-512 path searches data - mean without forming it;
+  // the generic path searches a centred copy. Their distances round
+  // differently, so the draws may differ; both must give k distinct rows
+  // and about the same inertia after seeding.
+  const RowMatrix<float> data = (test::gaussian<float>(2000, 40, 25).array() + 300.f).matrix();
+  const Index k = 100;
+  double inertia[2];
+  for (const bool generic : {false, true}) {
+    detail::avx512_disabled = generic;
+    double sum = 0;
+    for (const std::uint64_t seed : {26, 27, 28}) {
+      Rng rng(seed);
+      const auto c = detail::kmeans_plus_plus<float>(cpu{2}, data, k, rng, detail::max_abs(data));
+      std::vector<Index> rows;
+      for (Index j = 0; j < k; ++j) rows.push_back(row_of(data, c, j));
+      std::sort(rows.begin(), rows.end());
+      CHECK(rows.front() >= 0);
+      CHECK(std::adjacent_find(rows.begin(), rows.end()) == rows.end());
+      IndexVector idx(data.rows());
+      Vector<float> dist;
+      nearest_code<float>(cpu{1}, c, data, idx, &dist);
+      sum += dist.cast<double>().sum();
+    }
+    inertia[generic] = sum;
+  }
+  detail::avx512_disabled = false;
+  CHECK(std::abs(inertia[0] / inertia[1] - 1) < 0.05);
 }
 
 TEST_CASE("batched k-means++ falls back to the exact seeding outside float's range", "[kmeans]") {

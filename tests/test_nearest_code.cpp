@@ -220,6 +220,44 @@ TEST_CASE("nearest_code: the fast kernel's results depend neither on its blockin
 #endif
 }
 
+TEST_CASE("nearest_code: the fast kernel's shift searches x - shift, bit for bit as a centred copy",
+          "[search][kernel]") {
+#if VQKIT_K512
+  if (!avx512_search_supported()) VQKIT_SKIP("this CPU has no AVX-512F: the generic path serves every call");
+  // Rows far from the origin (the case k-means++ seeding centres), ragged
+  // shapes, a strided x, several blockings and thread counts.
+  for (auto [N, K, D] : {std::array<Index, 3>{1, 1, 1}, std::array<Index, 3>{130, 13, 37},
+                         std::array<Index, 3>{300, 64, 128}}) {
+    const RowMatrix<float> wide_x = (test::gaussian<float>(N, D + 3, 31).array() + 50.f).matrix();
+    ConstMatrixRef<float> x(wide_x.leftCols(D));
+    const Eigen::Matrix<float, 1, Eigen::Dynamic> shift =
+        (test::gaussian<float>(1, D, 32).array() + 50.f).matrix();
+    const RowMatrix<float> centred = x.rowwise() - shift;  // each entry rounded once
+    const RowMatrix<float> codes = test::gaussian<float>(K, D, 33);
+    IndexVector ref(N);
+    Vector<float> refd;
+    REQUIRE(detail::nearest_code_avx512(cpu{1}, codes, centred, ref, &refd, SearchOptions{}, nullptr));
+    for (auto [mc, kc, kb] : {std::array<Index, 3>{64, 1, 6}, std::array<Index, 3>{128, 100, 600}}) {
+      detail::k512::Blocking b;
+      b.mc = mc;
+      b.kc = kc;
+      b.kb = kb;
+      for (int threads : {1, 2}) {
+        IndexVector idx(N);
+        Vector<float> dist;
+        SearchWorkspace ws;
+        REQUIRE(detail::nearest_code_avx512(cpu{threads}, codes, x, idx, &dist, SearchOptions{}, nullptr,
+                                            &b, &ws, shift.data()));
+        REQUIRE(idx == ref);
+        REQUIRE(dist == refd);
+      }
+    }
+  }
+#else
+  VQKIT_SKIP("not x86-64 GCC/clang: the generic path serves every call");
+#endif
+}
+
 TEST_CASE("nearest_code: SearchStats names the kernel; avx512_disabled forces the generic path",
           "[search][kernel]") {
   const auto codes = test::gaussian<float>(40, 24, 41);

@@ -117,6 +117,18 @@ RowMatrix<T> kmeans_plus_plus_exact(const cpu& be, ConstMatrixRef<T> data, Index
   return c;
 }
 
+/// sum_d ((a_d - s_d) - b_d)^2 in T, each difference rounded as a centred
+/// copy would hold it; s and b may be null (zero). (Eigen's unaligned maps:
+/// the same bits wherever the rows live.)
+template <class T>
+double shifted_sq_dist(const T* a, const T* s, const T* b, Index D) {
+  using Row = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>;
+  if (s && b) return double(((Row(a, D) - Row(s, D)) - Row(b, D)).squaredNorm());
+  if (s) return double((Row(a, D) - Row(s, D)).squaredNorm());
+  if (b) return double((Row(a, D) - Row(b, D)).squaredNorm());
+  return double(Row(a, D).squaredNorm());
+}
+
 /// Batched k-means++ seeding (see the file comment). data_max = max_abs(data),
 /// finite. Returns k centres (copies of rows of data).
 template <class T>
@@ -130,8 +142,36 @@ RowMatrix<T> kmeans_plus_plus(const cpu& be, ConstMatrixRef<T> data, Index k, Rn
   Eigen::Matrix<double, 1, Eigen::Dynamic> mean = Eigen::Matrix<double, 1, Eigen::Dynamic>::Zero(D);
   for (Index i = 0; i < n; ++i) mean += data.row(i).template cast<double>();  // row order: streams
   mean /= double(n);
-  const RowMatrix<T> x = data.rowwise() - mean.template cast<T>();
-  if (range_exponent<T>(detail::max_abs(x), D) != 0) return kmeans_plus_plus_exact<T>(be, data, k, rng);
+  const Eigen::Matrix<T, 1, Eigen::Dynamic> shift = mean.template cast<T>();
+  // Where the AVX-512 kernel serves the searches it centres the rows as it
+  // packs them, and the row distances below centre them on the fly: no
+  // centred copy of the data (n x D, freshly paged in: on some VMs that
+  // alone cost more than the batched searches). Elsewhere a centred copy
+  // xc is searched. Both see the same centred values, rounded once.
+  bool fused = false;
+#if VQKIT_K512
+  if constexpr (std::is_same_v<T, float>) fused = avx512_search_supported();
+#endif
+  RowMatrix<T> xc;
+  const auto centre_copy = [&] {
+    xc.resize(n, D);
+    parallel_for(be, n, [&](Index i) { xc.row(i) = data.row(i) - shift; });
+  };
+  if (!fused) centre_copy();
+  const T* const sp = fused ? shift.data() : nullptr;
+  const auto row = [&](Index i) -> const T* {
+    return fused ? data.data() + i * data.outerStride() : xc.data() + i * D;
+  };
+  {
+    std::vector<T> row_max(std::size_t(n), T(0));
+    using Row = Eigen::Map<const Eigen::Matrix<T, 1, Eigen::Dynamic>>;
+    parallel_for(be, n, [&](Index i) {
+      row_max[std::size_t(i)] = sp ? (Row(row(i), D) - Row(sp, D)).cwiseAbs().maxCoeff()
+                                   : Row(row(i), D).cwiseAbs().maxCoeff();
+    });
+    if (range_exponent<T>(*std::max_element(row_max.begin(), row_max.end()), D) != 0)
+      return kmeans_plus_plus_exact<T>(be, data, k, rng);
+  }
   constexpr Index max_batch = 512;
   RowMatrix<T> c(k, D);            // centred centres
   std::vector<Index> picked;       // their rows
@@ -140,10 +180,20 @@ RowMatrix<T> kmeans_plus_plus(const cpu& be, ConstMatrixRef<T> data, Index k, Rn
   std::vector<double> prefix(static_cast<std::size_t>(n));
   IndexVector idx(n);
   Vector<T> dist;
-  const Vector<T> xn2 = x.rowwise().squaredNorm();
+  SearchWorkspace ws;  // (the kernel's scratch, kept across the batches)
+  Eigen::Matrix<T, 1, Eigen::Dynamic> xi(D);  // a proposed row, centred
+  Vector<double> xn2(n);
+  parallel_for(be, n, [&](Index i) {
+    xn2[i] = shifted_sq_dist<T>(row(i), sp, nullptr, D);
+  });
   const auto pick = [&](Index i) {
-    c.row(Index(picked.size())) = x.row(i);
+    const T* a = row(i);
+    auto dst = c.row(Index(picked.size()));
+    for (Index d = 0; d < D; ++d) dst[d] = sp ? T(a[d] - sp[d]) : a[d];
     picked.push_back(i);
+  };
+  const auto dist_to = [&](Index i, Index centre) {
+    return shifted_sq_dist<T>(row(i), sp, c.data() + centre * D, D);
   };
   pick(Index(rng.below(std::uint64_t(n))));
   Index done = 0;  // centres [0, done) are reflected in mind
@@ -151,26 +201,35 @@ RowMatrix<T> kmeans_plus_plus(const cpu& be, ConstMatrixRef<T> data, Index k, Rn
     const Index j = Index(picked.size());
     // Refresh mind with the centres [done, j).
     if (j > done) {
-      const auto nb = c.middleRows(done, j - done);
-      if (nb.rows() < 16) {
+      if (j - done < 16) {
         // A few centres: direct distances, one streaming pass over the data
         // (cheaper than packing it for the kernel).
         parallel_for(be, n, [&](Index i) {
           double d = mind[std::size_t(i)];
-          for (Index b = 0; b < nb.rows(); ++b) d = std::min(d, double((x.row(i) - nb.row(b)).squaredNorm()));
+          for (Index b = done; b < j; ++b) d = std::min(d, dist_to(i, b));
           mind[std::size_t(i)] = d;
         });
       } else {  // one search against them
+        const auto nb = c.middleRows(done, j - done);
         const Vector<T> cn2 = nb.rowwise().squaredNorm();
-        nearest_code_unchecked<T>(be, nb, x, idx, &dist, SearchOptions{}, nullptr);
+        bool searched = false;
+#if VQKIT_K512
+        if constexpr (std::is_same_v<T, float>)
+          if (fused)
+            searched = nearest_code_avx512(be, nb, data, idx, &dist, SearchOptions{}, nullptr, nullptr,
+                                           &ws, sp);
+#endif
+        if (!searched) {  // (the generic search, or a kernel that declined)
+          if (xc.rows() != n) centre_copy();
+          nearest_code_unchecked<T>(be, nb, xc, idx, &dist, SearchOptions{}, nullptr);
+        }
         parallel_for(be, n, [&](Index i) {
           const Index a = idx[i];
           double d = double(dist[i]);
           // The norm trick loses the small distances to cancellation: where
           // d is small against the norms, compute it directly (a row equal
           // to a centre gets exactly 0 and is never drawn).
-          if (d <= 0x1p-10 * (double(xn2[i]) + double(cn2[a])))
-            d = double((x.row(i) - nb.row(a)).squaredNorm());
+          if (d <= 0x1p-10 * (xn2[i] + double(cn2[a]))) d = dist_to(i, done + a);
           if (d < mind[std::size_t(i)]) mind[std::size_t(i)] = d;
         });
       }
@@ -193,8 +252,12 @@ RowMatrix<T> kmeans_plus_plus(const cpu& be, ConstMatrixRef<T> data, Index k, Rn
       const double mi = mind[std::size_t(i)];
       if (!(mi > 0)) continue;  // (rounding at the end of the prefix sums)
       double cur = mi;
+      if (Index(picked.size()) > j) {  // row i centred once for the batch's centres
+        const T* a = row(i);
+        for (Index d = 0; d < D; ++d) xi[d] = sp ? T(a[d] - sp[d]) : a[d];
+      }
       for (Index b = j; b < Index(picked.size()) && cur > 0; ++b)
-        cur = std::min(cur, double((x.row(i) - c.row(b)).squaredNorm()));
+        cur = std::min(cur, shifted_sq_dist<T>(xi.data(), nullptr, c.data() + b * D, D));
       // Accept with probability cur / mi (no draw when cur == mi).
       if (cur < mi && rng.uniform() * mi >= cur) continue;
       pick(i);

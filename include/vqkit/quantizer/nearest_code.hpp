@@ -388,17 +388,21 @@ inline constexpr float kHuge = 1e37f;
 
 /// Packs `rows` (<= MR) rows of x (leading dimension ldx) into dst[d * MR + r],
 /// zero beyond `rows`; xn2[r] = sum_d x_rd^2 (in d order, zero beyond `rows`).
+/// With `shift` (D values) the rows packed are x_r - shift, each entry
+/// rounded once, as a centred copy of x would hold them.
 VQKIT_K512_TARGET inline void pack_panel(const float* x, Index ldx, Index rows, Index D, float* dst,
-                                          float* xn2) {
+                                          float* xn2, const float* shift = nullptr) {
   for (int g = 0; g < MV; ++g) {
     __m512 nrm = _mm512_setzero_ps();
     for (Index d0 = 0; d0 < D; d0 += 16) {
       const int w = int(std::min<Index>(16, D - d0));
       const __mmask16 m = __mmask16((1u << w) - 1u);
+      const __m512 s = shift ? _mm512_maskz_loadu_ps(m, shift + d0) : _mm512_setzero_ps();
       __m512 r[16];
       for (int i = 0; i < 16; ++i) {
         const Index row = g * 16 + i;
         r[i] = row < rows ? _mm512_maskz_loadu_ps(m, x + row * ldx + d0) : _mm512_setzero_ps();
+        if (shift && row < rows) r[i] = _mm512_sub_ps(r[i], s);
       }
       transpose16(r);
       for (int j = 0; j < w; ++j) {
@@ -569,12 +573,15 @@ inline bool kernel_params(ConstMatrixRef<float> codes, const Vector<float>& norm
 /// it does not apply (K >= 2^31, or a code whose squared norm is >= ~1e36);
 /// row blocks holding a row whose squared norm is >= 1e37 are searched by
 /// the generic path. `blk_override` (tests) replaces the default blocking.
+/// With `shift` (D values) it searches the rows x_i - shift (rounded once
+/// per entry) without forming them: the same results, bit for bit, as the
+/// search of a centred copy of x, without the copy (k-means++ seeding).
 VQKIT_K512_TARGET inline bool nearest_code_avx512(const cpu& be, ConstMatrixRef<float> codes,
                                                   ConstMatrixRef<float> x,
                                 Eigen::Ref<IndexVector> indices, Vector<float>* distances,
                                 const SearchOptions& opt, const Vector<float>* norms,
                                 const k512::Blocking* blk_override = nullptr,
-                                SearchWorkspace* sws = nullptr) {
+                                SearchWorkspace* sws = nullptr, const float* shift = nullptr) {
   using namespace k512;
   const Index K = codes.rows(), D = codes.cols(), N = x.rows();
   if (K >= Index(std::numeric_limits<std::int32_t>::max())) return false;
@@ -615,14 +622,20 @@ VQKIT_K512_TARGET inline bool nearest_code_avx512(const cpu& be, ConstMatrixRef<
     const Index i0 = blk * bk.mc, ni = std::min(bk.mc, N - i0), panels = (ni + MR - 1) / MR;
     for (Index p = 0; p < panels; ++p)
       pack_panel(x.data() + (i0 + p * MR) * ldx, ldx, std::min<Index>(MR, ni - p * MR), D,
-                 packed + p * MR * D, ws.xn2.data() + p * MR);
+                 packed + p * MR * D, ws.xn2.data() + p * MR, shift);
     bool huge = false;
     for (Index r = 0; r < ni; ++r) huge |= !(ws.xn2[r] < kHuge);
     if (huge) {  // rare: squared norms near float's range; the generic path skips NaN scores
       Vector<float> dist;
       auto seg = indices.segment(i0, ni);
-      detail::nearest_code_gemm_tiles<float>(cpu{1}, codes, x.middleRows(i0, ni), seg, &dist,
-                                             opt, norms);
+      if (shift) {
+        RowMatrix<float> xs = x.middleRows(i0, ni);
+        xs.rowwise() -= Eigen::Map<const Eigen::Matrix<float, 1, Eigen::Dynamic>>(shift, D);
+        detail::nearest_code_gemm_tiles<float>(cpu{1}, codes, xs, seg, &dist, opt, norms);
+      } else {
+        detail::nearest_code_gemm_tiles<float>(cpu{1}, codes, x.middleRows(i0, ni), seg, &dist,
+                                               opt, norms);
+      }
       if (distances) distances->segment(i0, ni) = dist;
       return;
     }
