@@ -186,10 +186,12 @@ RowMatrix<T> kmeans_plus_plus(const cpu& be, ConstMatrixRef<T> data, Index k, Rn
   parallel_for(be, n, [&](Index i) {
     xn2[i] = shifted_sq_dist<T>(row(i), sp, nullptr, D);
   });
-  const auto pick = [&](Index i) {
+  const auto centre_row = [&](Index i, T* dst) {  // row i as the centred copy holds it
     const T* a = row(i);
-    auto dst = c.row(Index(picked.size()));
     for (Index d = 0; d < D; ++d) dst[d] = sp ? T(a[d] - sp[d]) : a[d];
+  };
+  const auto pick = [&](Index i) {
+    centre_row(i, c.data() + Index(picked.size()) * D);
     picked.push_back(i);
   };
   const auto dist_to = [&](Index i, Index centre) {
@@ -252,10 +254,7 @@ RowMatrix<T> kmeans_plus_plus(const cpu& be, ConstMatrixRef<T> data, Index k, Rn
       const double mi = mind[std::size_t(i)];
       if (!(mi > 0)) continue;  // (rounding at the end of the prefix sums)
       double cur = mi;
-      if (Index(picked.size()) > j) {  // row i centred once for the batch's centres
-        const T* a = row(i);
-        for (Index d = 0; d < D; ++d) xi[d] = sp ? T(a[d] - sp[d]) : a[d];
-      }
+      if (Index(picked.size()) > j) centre_row(i, xi.data());  // once for the batch's centres
       for (Index b = j; b < Index(picked.size()) && cur > 0; ++b)
         cur = std::min(cur, shifted_sq_dist<T>(xi.data(), nullptr, c.data() + b * D, D));
       // Accept with probability cur / mi (no draw when cur == mi).
