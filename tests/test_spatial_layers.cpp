@@ -11,6 +11,7 @@
 #include <vqkit/core/random.hpp>
 #include <vqkit/io/safetensors.hpp>
 #include <vqkit/core/map_shape.hpp>
+#include <vqkit/layers/embedding.hpp>
 #include <vqkit/layers/patch.hpp>
 #include <vqkit/layers/residual.hpp>
 #include <vqkit/layers/segment_sum.hpp>
@@ -540,4 +541,87 @@ TEST_CASE("Residual passes a MapShape through to its body") {
   CHECK_THROWS_WITH(bad.forward(randn(16, 4, rng), out, MapShape{1, 4, 4}),
                     Contains("the body maps 16x4 to 4x8"));
   CHECK(out == sentinel(1, 1));
+}
+
+// The forward(x, y, shape, ctx) overloads write each sub-layer's output
+// straight into the next one's context and keep the backward scratch: a
+// context that last held a batch of another size, then one of the same size,
+// must give the bits of a fresh context on a fresh layer (outputs, dL/dx,
+// every gradient), with y aliasing x and dx aliasing dy.
+TEST_CASE("patch layers and Embedding: a reused context gives the bits of a fresh one") {
+  struct Out {
+    RowMatrix<float> y, dx;
+    std::vector<RowMatrix<float>> grads;
+  };
+  auto compare = [](const Out& a, const Out& b) {
+    CHECK(a.y == b.y);
+    CHECK(a.dx == b.dx);
+    REQUIRE(a.grads.size() == b.grads.size());
+    for (std::size_t i = 0; i < a.grads.size(); ++i) CHECK(a.grads[i] == b.grads[i]);
+  };
+  // Forward (y aliasing x), zero_grad, backward (dx aliasing dy); dL/dy random.
+  auto call = [](auto& l, auto& ctx, const MapShape& s, Index c, std::uint64_t seed) {
+    vqkit::Rng r(seed);
+    Out o;
+    o.y = randn(s.rows(), c, r).cast<float>();
+    l.forward(o.y, o.y, s, ctx);
+    l.zero_grad();
+    RowMatrix<float> d = randn(o.y.rows(), o.y.cols(), r).cast<float>();
+    l.backward(ctx, d, &d);
+    o.dx = d;
+    for (auto& p : l.parameters()) o.grads.push_back(*p.grad);
+    return o;
+  };
+  auto check = [&](auto make, Index c, const MapShape& big, const MapShape& small) {
+    auto reused = make();
+    typename decltype(reused)::Context ctx;
+    call(reused, ctx, big, c, 5);
+    for (std::uint64_t seed : {6, 7}) {  // resized, then reused as is
+      INFO("seed " << seed);
+      const Out a = call(reused, ctx, small, c, seed);
+      auto fresh = make();
+      typename decltype(fresh)::Context fresh_ctx;
+      compare(a, call(fresh, fresh_ctx, small, c, seed));
+    }
+  };
+  SECTION("PatchEmbed") {
+    check([] { vqkit::Rng r(9); return vqkit::PatchEmbed<float>(3, 8, 2, r); }, 3,
+          MapShape{2, 8, 6}, MapShape{1, 4, 6});
+  }
+  SECTION("PatchMerging") {
+    check([] { vqkit::Rng r(9); return vqkit::PatchMerging<float>(4, r); }, 4,
+          MapShape{2, 8, 6}, MapShape{1, 4, 6});
+  }
+  SECTION("PatchUpsample") {
+    check([] { vqkit::Rng r(9); return vqkit::PatchUpsample<float>(6, 4, r); }, 6,
+          MapShape{2, 4, 3}, MapShape{1, 2, 3});
+  }
+  SECTION("Embedding") {
+    vqkit::Rng r(9);
+    vqkit::Embedding<float> reused(7, 5, r), fresh = reused;
+    vqkit::Embedding<float>::Context ctx, fresh_ctx;
+    auto run = [](vqkit::Embedding<float>& l, vqkit::Embedding<float>::Context& c, Index n,
+                  std::uint64_t seed) {
+      vqkit::Rng g(seed);
+      IndexVector idx(n);
+      for (Index i = 0; i < n; ++i) idx[i] = Index(g.below(7));
+      Out o;
+      l.forward(idx, o.y, c);
+      l.zero_grad();
+      l.backward(c, randn(n, 5, g).cast<float>());
+      o.grads.push_back(l.weight_grad);
+      return o;
+    };
+    run(reused, ctx, 40, 5);
+    compare(run(reused, ctx, 12, 6), run(fresh, fresh_ctx, 12, 6));
+    // y is the table itself: the rows are read before it is overwritten.
+    vqkit::Embedding<float> self(7, 5, r);
+    const RowMatrix<float> table = self.weight;
+    IndexVector idx(3);
+    idx << 2, 0, 2;
+    self.forward(idx, self.weight, ctx);
+    REQUIRE(self.weight.rows() == 3);
+    CHECK(self.weight.row(0) == table.row(2));
+    CHECK(self.weight.row(1) == table.row(0));
+  }
 }

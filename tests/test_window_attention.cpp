@@ -22,6 +22,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 using vqkit::ConstMatrixRef;
@@ -510,4 +511,77 @@ TEST_CASE("window attention and swin block: 1 and 2 threads give identical bits"
 #ifdef _OPENMP
   omp_set_num_threads(saved);
 #endif
+}
+
+// The forward(x, y, shape, ctx) overloads reuse the caller's context and the
+// layer's backward scratch from call to call: a context that last held a
+// batch of another size, then one of the same size, must give the bits of a
+// fresh context on a fresh layer (outputs, dL/dx, every gradient), with dx
+// aliasing dy as a training loop passes it.
+TEST_CASE("swin stage, block and attention: a reused context gives the bits of a fresh one",
+          "[window_attention][swin_block]") {
+  const Index C = 16, heads = 2, w = 4;
+  const MapShape big{2, 8, 12}, small{1, 8, 8};
+  struct Out {
+    RowMatrix<float> y, dx;
+    std::vector<RowMatrix<float>> grads;
+  };
+  auto data = [&](const MapShape& s, std::uint64_t seed) {
+    Rng r(seed);
+    RowMatrix<float> x(s.rows(), C), g(s.rows(), C);
+    for (Index i = 0; i < x.size(); ++i) x.data()[i] = float(r.normal());
+    for (Index i = 0; i < g.size(); ++i) g.data()[i] = float(r.normal());
+    return std::make_pair(x, g);
+  };
+  // One call on layer l with context ctx: forward, zero_grad, backward with
+  // dx aliasing dy.
+  auto call = [&](auto& l, auto& ctx, const MapShape& s, std::uint64_t seed, auto&& fwd) {
+    auto [x, g] = data(s, seed);
+    Out o;
+    fwd(l, x, o.y, s, ctx);
+    l.zero_grad();
+    RowMatrix<float> d = g;
+    l.backward(ctx, d, &d);
+    o.dx = d;
+    for (auto& p : l.parameters()) o.grads.push_back(*p.grad);
+    return o;
+  };
+  auto compare = [](const Out& a, const Out& b) {
+    CHECK(a.y == b.y);
+    CHECK(a.dx == b.dx);
+    REQUIRE(a.grads.size() == b.grads.size());
+    for (std::size_t i = 0; i < a.grads.size(); ++i) CHECK(a.grads[i] == b.grads[i]);
+  };
+  auto check = [&](auto make, auto&& fwd) {
+    auto reused = make();
+    auto fresh = make();
+    typename decltype(reused)::Context ctx, fresh_ctx;
+    call(reused, ctx, big, 5, fwd);                          // buffers of another size
+    const Out a = call(reused, ctx, small, 6, fwd);          // resized
+    const Out b = call(fresh, fresh_ctx, small, 6, fwd);     // fresh
+    compare(a, b);
+    const Out c = call(reused, ctx, small, 7, fwd);          // same size: reused as is
+    auto fresh2 = make();
+    typename decltype(reused)::Context fresh_ctx2;
+    compare(c, call(fresh2, fresh_ctx2, small, 7, fwd));
+  };
+  SECTION("attention") {
+    check([&] { Rng r(3); return vqkit::WindowAttention<float>(C, heads, w, r); },
+          [](auto& l, const auto& x, auto& y, const MapShape& s, auto& ctx) {
+            l.forward(x, y, s, w / 2, ctx);
+          });
+  }
+  SECTION("block") {
+    check([&] { Rng r(3); return vqkit::SwinBlock<float>(C, heads, w, w / 2, r); },
+          [](auto& l, const auto& x, auto& y, const MapShape& s, auto& ctx) {
+            l.forward(x, y, s, ctx);
+          });
+  }
+  SECTION("stage, y aliasing x") {
+    check([&] { Rng r(3); return vqkit::SwinStage<float>(C, 2, heads, w, r); },
+          [](auto& l, const auto& x, auto& y, const MapShape& s, auto& ctx) {
+            y = x;
+            l.forward(y, y, s, ctx);
+          });
+  }
 }

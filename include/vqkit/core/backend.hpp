@@ -8,6 +8,7 @@
 #pragma once
 
 #include <algorithm>
+#include <functional>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -99,8 +100,26 @@ void parallel_column_ranges(const cpu& be, I n, I cols, F&& f) {
 
 /// dst = src (Eigen matrices), resizing dst, the rows copied on be's threads
 /// when large. dst must not overlap src unless it is src.
+// Whether two row-major matrices (or blocks, or Refs) share any storage.
+template <class A, class B>
+bool storage_overlaps(const A& a, const B& b) {
+  if (a.size() == 0 || b.size() == 0) return false;
+  const auto* a0 = reinterpret_cast<const char*>(a.data());
+  const auto* a1 = reinterpret_cast<const char*>(a.data() + (a.rows() - 1) * a.outerStride() + a.cols());
+  const auto* b0 = reinterpret_cast<const char*>(b.data());
+  const auto* b1 = reinterpret_cast<const char*>(b.data() + (b.rows() - 1) * b.outerStride() + b.cols());
+  std::less<const char*> lt;
+  return lt(a0, b1) && lt(b0, a1);
+}
+
 template <class Src, class Dst>
 void copy_rows(const cpu& be, const Src& src, Dst& dst) {
+  // A matrix copied onto itself (a layer that filled its context's buffer in
+  // place) needs nothing.
+  if (static_cast<const void*>(dst.data()) == static_cast<const void*>(src.data()) &&
+      dst.rows() == src.rows() && dst.cols() == src.cols() && src.size() > 0 &&
+      (src.rows() <= 1 || src.outerStride() == dst.outerStride()))
+    return;
   dst.resize(src.rows(), src.cols());
   parallel_rows(be, src.rows(), src.cols(), [&](auto i) { dst.row(i) = src.row(i); });
 }

@@ -59,12 +59,21 @@ class Embedding {
 
   /// idx: (N) int64. Resizes and fills y (N, D).
   Context forward(ConstIndexVectorRef idx, RowMatrix<T>& y) const {
+    Context ctx;
+    forward(idx, y, ctx);
+    return ctx;
+  }
+
+  /// The same into a context (and y) whose buffers are reused when they have
+  /// the size.
+  void forward(ConstIndexVectorRef idx, RowMatrix<T>& y, Context& ctx) const {
     check_state("Embedding::forward");
     require_ids_in_range(idx, num_, "Embedding::forward", "index", "num_embeddings");
-    Context ctx;
     ctx.indices = idx;
-    y = detail::gather_rows_unchecked<T>(backend_, weight, ctx.indices);
-    return ctx;
+    if (detail::storage_overlaps(y, weight))  // y is the table itself
+      y = detail::gather_rows_unchecked<T>(backend_, weight, ctx.indices);
+    else
+      detail::gather_rows_into<T>(backend_, weight, ctx.indices, y);
   }
 
   /// dy: (N, D). Accumulates weight_grad (scatter-add by the forward indices).

@@ -57,7 +57,6 @@ class Mlp {
     typename Relu<T, Backend>::Context relu;
     typename Gelu<T, Backend>::Context gelu;
     typename Linear<T, Backend>::Context fc2;
-    RowMatrix<T> hidden;  // fc1's output, then the activation's (buffer reused)
   };
 
   Mlp(Index in_features, Index hidden_features, Index out_features, Rng& rng,
@@ -84,12 +83,16 @@ class Mlp {
   void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, Context& ctx) const {
     VQKIT_REQUIRE(x.cols() == fc1.in_features(), "Mlp::forward", "x has ", x.cols(),
                   " columns, expected in_features=", fc1.in_features());
-    fc1.forward(x, ctx.hidden, ctx.fc1);
-    if (activation_ == Activation::relu)
-      relu_.forward(ctx.hidden, ctx.hidden, ctx.relu);
-    else
-      gelu_.forward(ctx.hidden, ctx.hidden, ctx.gelu);
-    fc2.forward(ctx.hidden, y, ctx.fc2);
+    // Each layer writes straight into the next one's context (its input
+    // copy), which then copies nothing.
+    if (activation_ == Activation::relu) {
+      fc1.forward(x, ctx.relu.input, ctx.fc1);
+      relu_.forward(ctx.relu.input, ctx.fc2.input, ctx.relu);
+    } else {
+      fc1.forward(x, ctx.gelu.input, ctx.fc1);
+      gelu_.forward(ctx.gelu.input, ctx.fc2.input, ctx.gelu);
+    }
+    fc2.forward(ctx.fc2.input, y, ctx.fc2);
   }
 
   /// dy: (N, out). Accumulates the parameter gradients; if dx is given,

@@ -236,11 +236,22 @@ class PatchEmbed {
     VQKIT_REQUIRE(x.cols() == c_, "PatchEmbed::forward", "x has ", x.cols(),
                   " columns, expected in_channels=", c_);
     Context ctx;
-    ctx.in_shape = shape;
-    RowMatrix<T> z = space_to_depth<T>(x, shape, p_, SubpixelOrder::row_major);
-    ctx.proj = proj.forward(z, z);
-    ctx.norm = norm.forward(z, y);
+    forward(x, y, shape, ctx);
     return ctx;
+  }
+
+  /// The same into a context whose buffers are reused from call to call.
+  void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, const MapShape& shape, Context& ctx) const {
+    coarse_shape(shape, p_, "PatchEmbed::forward");
+    require_map(x, shape, "PatchEmbed::forward");
+    VQKIT_REQUIRE(x.cols() == c_, "PatchEmbed::forward", "x has ", x.cols(),
+                  " columns, expected in_channels=", c_);
+    ctx.in_shape = shape;
+    // Each step writes straight into the next layer's context (its input
+    // copy), so nothing is copied twice.
+    space_to_depth<T>(x, shape, p_, SubpixelOrder::row_major, ctx.proj.input, backend_);
+    proj.forward(ctx.proj.input, ctx.norm.input, ctx.proj);
+    norm.forward(ctx.norm.input, y, ctx.norm);
   }
 
   /// dy (B*(H/p)*(W/p), E). Accumulates the gradients; dx (B*H*W, C) overwritten.
@@ -253,10 +264,10 @@ class PatchEmbed {
     detail::require_norm_context(ctx.norm, cs.rows(), e, where);
     detail::require_linear_context(ctx.proj, cs.rows(), proj.in_features(), where);
     detail::require_patch_parameter_shapes(parameters(), where);
-    RowMatrix<T> d;
+    RowMatrix<T>& d = d_;
     norm.backward(ctx.norm, dy, &d);
     proj.backward(ctx.proj, d, dx != nullptr ? &d : nullptr);
-    if (dx != nullptr) *dx = depth_to_space<T>(d, ctx.in_shape, p_, SubpixelOrder::row_major);
+    if (dx != nullptr) depth_to_space<T>(d, ctx.in_shape, p_, SubpixelOrder::row_major, *dx, backend_);
   }
 
   /// "proj.weight", "proj.bias", "norm.weight", "norm.bias".
@@ -283,6 +294,7 @@ class PatchEmbed {
   Index c_;
   Index p_;
   Backend backend_;
+  RowMatrix<T> d_;  // backward's scratch, kept for the next call
 
   static Index checked(Index c, Index e, Index p) {
     VQKIT_REQUIRE(c >= 1 && e >= 1 && p >= 1, "PatchEmbed",
@@ -321,11 +333,20 @@ class PatchMerging {
     VQKIT_REQUIRE(x.cols() == c_, "PatchMerging::forward", "x has ", x.cols(),
                   " columns, expected channels=", c_);
     Context ctx;
-    ctx.in_shape = shape;
-    RowMatrix<T> z = space_to_depth<T>(x, shape, 2, SubpixelOrder::swin);
-    ctx.norm = norm.forward(z, z);
-    ctx.reduction = reduction.forward(z, y);
+    forward(x, y, shape, ctx);
     return ctx;
+  }
+
+  /// The same into a context whose buffers are reused from call to call.
+  void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, const MapShape& shape, Context& ctx) const {
+    coarse_shape(shape, 2, "PatchMerging::forward");
+    require_map(x, shape, "PatchMerging::forward");
+    VQKIT_REQUIRE(x.cols() == c_, "PatchMerging::forward", "x has ", x.cols(),
+                  " columns, expected channels=", c_);
+    ctx.in_shape = shape;
+    space_to_depth<T>(x, shape, 2, SubpixelOrder::swin, ctx.norm.input, backend_);
+    norm.forward(ctx.norm.input, ctx.reduction.input, ctx.norm);
+    reduction.forward(ctx.reduction.input, y, ctx.reduction);
   }
 
   /// dy (B*(H/2)*(W/2), 2C). Accumulates the gradients; dx (B*H*W, C) overwritten.
@@ -337,10 +358,10 @@ class PatchMerging {
     detail::require_norm_context(ctx.norm, cs.rows(), 4 * c_, where);
     detail::require_linear_context(ctx.reduction, cs.rows(), 4 * c_, where);
     detail::require_patch_parameter_shapes(parameters(), where);
-    RowMatrix<T> d;
+    RowMatrix<T>& d = d_;
     reduction.backward(ctx.reduction, dy, &d);
     norm.backward(ctx.norm, d, dx != nullptr ? &d : nullptr);
-    if (dx != nullptr) *dx = depth_to_space<T>(d, ctx.in_shape, 2, SubpixelOrder::swin);
+    if (dx != nullptr) depth_to_space<T>(d, ctx.in_shape, 2, SubpixelOrder::swin, *dx, backend_);
   }
 
   /// "norm.weight", "norm.bias", "reduction.weight" (Swin's names).
@@ -364,6 +385,7 @@ class PatchMerging {
  private:
   Index c_;
   Backend backend_;
+  RowMatrix<T> d_;  // backward's scratch, kept for the next call
 
   static Index checked(Index c) {
     VQKIT_REQUIRE(c >= 1, "PatchMerging", "channels must be >= 1, got channels=", c);
@@ -382,6 +404,7 @@ class PatchUpsample {
     MapShape in_shape;
     typename Linear<T, Backend>::Context proj;
     typename LayerNorm<T, Backend>::Context norm;
+    RowMatrix<T> z;  // forward's scratch (proj's output), kept for the next call
   };
 
   /// proj (C -> 4C') is drawn from rng (nn.Linear init); LayerNorm(C') eps 1e-5.
@@ -400,12 +423,20 @@ class PatchUpsample {
     VQKIT_REQUIRE(x.cols() == proj.in_features(), "PatchUpsample::forward", "x has ", x.cols(),
                   " columns, expected in_channels=", proj.in_features());
     Context ctx;
-    ctx.in_shape = shape;
-    RowMatrix<T> z;
-    ctx.proj = proj.forward(x, z);
-    const RowMatrix<T> u = depth_to_space<T>(z, output_shape(shape), 2, SubpixelOrder::row_major);
-    ctx.norm = norm.forward(u, y);
+    forward(x, y, shape, ctx);
     return ctx;
+  }
+
+  /// The same into a context whose buffers are reused from call to call.
+  void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, const MapShape& shape, Context& ctx) const {
+    require_map(x, shape, "PatchUpsample::forward");
+    VQKIT_REQUIRE(x.cols() == proj.in_features(), "PatchUpsample::forward", "x has ", x.cols(),
+                  " columns, expected in_channels=", proj.in_features());
+    ctx.in_shape = shape;
+    proj.forward(x, ctx.z, ctx.proj);
+    depth_to_space<T>(ctx.z, output_shape(shape), 2, SubpixelOrder::row_major, ctx.norm.input,
+                      backend_);
+    norm.forward(ctx.norm.input, y, ctx.norm);
   }
 
   /// dy (B*(2H)*(2W), C'). Accumulates the gradients; dx (B*H*W, C) overwritten.
@@ -421,10 +452,10 @@ class PatchUpsample {
     detail::require_norm_context(ctx.norm, fs.rows(), co, where);
     detail::require_linear_context(ctx.proj, s.rows(), proj.in_features(), where);
     detail::require_patch_parameter_shapes(parameters(), where);
-    RowMatrix<T> d;
+    RowMatrix<T>& d = d_;
     norm.backward(ctx.norm, dy, &d);
-    const RowMatrix<T> dz = space_to_depth<T>(d, fs, 2, SubpixelOrder::row_major);
-    proj.backward(ctx.proj, dz, dx);
+    space_to_depth<T>(d, fs, 2, SubpixelOrder::row_major, dz_, backend_);
+    proj.backward(ctx.proj, dz_, dx);
   }
 
   /// "proj.weight", "proj.bias", "norm.weight", "norm.bias".
@@ -448,6 +479,7 @@ class PatchUpsample {
 
  private:
   Backend backend_;
+  RowMatrix<T> d_, dz_;  // backward's scratch, kept for the next call
 
   static Index checked(Index c, Index co) {
     VQKIT_REQUIRE(c >= 1 && co >= 1, "PatchUpsample", "sizes must be >= 1, got in_channels=", c,
@@ -492,9 +524,15 @@ class PositionEmbedding {
                   "input map is height=", shape.height, " width=", shape.width, " with ",
                   x.cols(), " channels, expected height=", h_, " width=", w_,
                   " channels=", c_);
-    RowMatrix<T> out = x;
-    for (Index b = 0; b < shape.batch; ++b) out.middleRows(b * h_ * w_, h_ * w_) += weight;
-    y = std::move(out);
+    if (y.data() != x.data()) {  // y's buffer is reused when it has x's size
+      if (detail::storage_overlaps(y, x)) {
+        RowMatrix<T> copy = x;
+        y.swap(copy);
+      } else {
+        y = x;
+      }
+    }
+    for (Index b = 0; b < shape.batch; ++b) y.middleRows(b * h_ * w_, h_ * w_) += weight;
     return {shape, c_};
   }
 

@@ -121,14 +121,23 @@ void segment_sum_add_unchecked(const cpu& be, ConstMatrixRef<T> x, ConstIndexVec
   }
 }
 
-// out (N, C) = src rows ids; ids already checked.
+// out (N, C) = src rows ids, into out's buffer (reused when it has the
+// size); ids already checked, out is not src's storage.
 template <class T>
-RowMatrix<T> gather_rows_unchecked(const cpu& be, ConstMatrixRef<T> src, ConstIndexVectorRef ids) {
-  RowMatrix<T> out(ids.size(), src.cols());
+void gather_rows_into(const cpu& be, ConstMatrixRef<T> src, ConstIndexVectorRef ids,
+                      RowMatrix<T>& out) {
+  out.resize(ids.size(), src.cols());
   const int nt = threads_for(be, ids.size() * src.cols());
   (void)nt;
 #pragma omp parallel for schedule(static) num_threads(nt)
   for (Index n = 0; n < ids.size(); ++n) out.row(n) = src.row(ids[n]);
+}
+
+// The same into a fresh matrix.
+template <class T>
+RowMatrix<T> gather_rows_unchecked(const cpu& be, ConstMatrixRef<T> src, ConstIndexVectorRef ids) {
+  RowMatrix<T> out;
+  gather_rows_into<T>(be, src, ids, out);
   return out;
 }
 
@@ -144,9 +153,14 @@ void segment_sum(const cpu& be, ConstMatrixRef<T> x, ConstIndexVectorRef ids, In
   VQKIT_REQUIRE(ids.size() == x.rows(), "segment_sum", "ids has ", ids.size(),
                 " entries, expected one per row of x (", x.rows(), ")");
   require_ids_in_range(ids, num_segments, "segment_sum");
-  RowMatrix<T> out = RowMatrix<T>::Zero(num_segments, x.cols());
-  detail::segment_sum_add_unchecked<T>(be, x, ids, out);
-  y = std::move(out);
+  if (detail::storage_overlaps(y, x)) {
+    RowMatrix<T> out = RowMatrix<T>::Zero(num_segments, x.cols());
+    detail::segment_sum_add_unchecked<T>(be, x, ids, out);
+    y = std::move(out);
+  } else {
+    y.setZero(num_segments, x.cols());  // y's buffer reused when it has the size
+    detail::segment_sum_add_unchecked<T>(be, x, ids, y);
+  }
 }
 
 /// out (S, C) += segment sums of x (N, C) by ids (N), S = out.rows(); out
@@ -167,7 +181,10 @@ void segment_sum_add(const cpu& be, ConstMatrixRef<T> x, ConstIndexVectorRef ids
 template <class T>
 void gather_rows(const cpu& be, ConstMatrixRef<T> src, ConstIndexVectorRef ids, RowMatrix<T>& out) {
   require_ids_in_range(ids, src.rows(), "gather_rows", "ids", "source rows");
-  out = detail::gather_rows_unchecked<T>(be, src, ids);
+  if (detail::storage_overlaps(out, src))
+    out = detail::gather_rows_unchecked<T>(be, src, ids);
+  else
+    detail::gather_rows_into<T>(be, src, ids, out);  // out's buffer reused
 }
 
 /// Dense map y (B*H*W, C) from sparse rows x (N, C) at coords (N, 3) (b, y, x);

@@ -79,6 +79,7 @@ class SwinBlock {
     typename Linear<T, Backend>::Context fc1;
     typename Gelu<T, Backend>::Context act;
     typename Linear<T, Backend>::Context fc2;
+    RowMatrix<T> out;  // forward's scratch, kept for the next call
   };
 
   SwinBlock(Index dim, Index heads, Index window, Index shift, Rng& rng, Index mlp_ratio = 4,
@@ -100,23 +101,31 @@ class SwinBlock {
 
   /// x: (N, C), N = shape.rows(). Resizes and fills y (N, C); y may be x.
   Context forward(ConstMatrixRef<T> x, RowMatrix<T>& y, const MapShape& shape) const {
+    Context ctx;
+    forward(x, y, shape, ctx);
+    return ctx;
+  }
+
+  /// The same into a context whose buffers are reused from call to call (no
+  /// large allocation once it has held a map of this shape).
+  void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, const MapShape& shape, Context& ctx) const {
     const char* where = "SwinBlock::forward";
     check_state(where);
     attn.check_input(x.rows(), x.cols(), shape, 0, where);
-    Context ctx;
     ctx.shape = shape;
     ctx.shift = shift_for(shape);
-    RowMatrix<T> h, x1;
-    ctx.norm1 = norm1.forward(x, h);  // keeps a copy of x: y may alias x
-    ctx.attn = attn.forward(h, x1, shape, ctx.shift);
+    // Each layer writes straight into the next one's context (its input
+    // copy), which then copies nothing.
+    norm1.forward(x, ctx.attn.qkv.input, ctx.norm1);  // keeps a copy of x: y may alias x
+    RowMatrix<T>& x1 = ctx.norm2.input;  // x + attention
+    attn.forward(ctx.attn.qkv.input, x1, shape, ctx.shift, ctx.attn);
     x1 += ctx.norm1.input;
-    ctx.norm2 = norm2.forward(x1, h);
-    ctx.fc1 = fc1.forward(h, h);
-    ctx.act = act.forward(h, h);
-    ctx.fc2 = fc2.forward(h, h);
-    h += x1;
-    y = std::move(h);
-    return ctx;
+    norm2.forward(x1, ctx.fc1.input, ctx.norm2);
+    fc1.forward(ctx.fc1.input, ctx.act.input, ctx.fc1);
+    act.forward(ctx.act.input, ctx.fc2.input, ctx.act);
+    fc2.forward(ctx.fc2.input, ctx.out, ctx.fc2);
+    ctx.out += x1;
+    y.swap(ctx.out);  // y's old buffer becomes the next call's scratch
   }
 
   /// dy: (N, C) as y. Accumulates every parameter gradient; if dx is given,
@@ -128,8 +137,9 @@ class SwinBlock {
     VQKIT_REQUIRE(dy.rows() == ctx.shape.rows() && dy.cols() == dim(), where, "dy is ", dy.rows(),
                   "x", dy.cols(), ", expected ", ctx.shape.rows(), "x", dim(),
                   " (N from the forward input, dim=", dim(), ")");
-    RowMatrix<T> g = dy;  // dL/dx1 so far (copied: dx may alias dy)
-    RowMatrix<T> t;
+    RowMatrix<T>& g = g_;  // dL/dx1 so far (copied: dx may alias dy)
+    g = dy;
+    RowMatrix<T>& t = t_;
     fc2.backward(ctx.fc2, g, &t);
     act.backward(ctx.act, t, &t);
     fc1.backward(ctx.fc1, t, &t);
@@ -139,7 +149,7 @@ class SwinBlock {
     norm1.backward(ctx.norm1, t, dx != nullptr ? &t : nullptr);
     if (dx != nullptr) {
       g += t;
-      *dx = std::move(g);
+      dx->swap(g);  // dx's old buffer becomes the next call's scratch
     }
   }
 
@@ -240,6 +250,7 @@ class SwinBlock {
   Backend backend_;
   Index shift_;
   Index hidden_;
+  RowMatrix<T> g_, t_;  // backward's scratch, kept for the next call
 
  public:
   LayerNorm<T, Backend> norm1;
@@ -258,6 +269,7 @@ class SwinStage {
   /// What backward needs from forward: one context per block.
   struct Context {
     std::vector<typename Block::Context> blocks;
+    RowMatrix<T> out;  // forward's scratch, kept for the next call
   };
 
   SwinStage(Index dim, Index depth, Index heads, Index window, Rng& rng, Index mlp_ratio = 4,
@@ -271,17 +283,22 @@ class SwinStage {
 
   /// x: (N, C), N = shape.rows(). Resizes and fills y (N, C); y may be x.
   Context forward(ConstMatrixRef<T> x, RowMatrix<T>& y, const MapShape& shape) const {
+    Context ctx;
+    forward(x, y, shape, ctx);
+    return ctx;
+  }
+
+  /// The same into a context whose buffers are reused from call to call (no
+  /// large allocation once it has held a map of this shape).
+  void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, const MapShape& shape, Context& ctx) const {
     const char* where = "SwinStage::forward";
     for (const auto& b : blocks) b.check_state(where);
     blocks.front().attn.check_input(x.rows(), x.cols(), shape, 0, where);
-    Context ctx;
-    ctx.blocks.reserve(blocks.size());
-    RowMatrix<T> cur;
-    ctx.blocks.push_back(blocks.front().forward(x, cur, shape));
-    for (std::size_t i = 1; i < blocks.size(); ++i)
-      ctx.blocks.push_back(blocks[i].forward(cur, cur, shape));
-    y = std::move(cur);
-    return ctx;
+    ctx.blocks.resize(blocks.size());
+    RowMatrix<T>& cur = ctx.out;
+    blocks.front().forward(x, cur, shape, ctx.blocks.front());
+    for (std::size_t i = 1; i < blocks.size(); ++i) blocks[i].forward(cur, cur, shape, ctx.blocks[i]);
+    y.swap(cur);  // y's old buffer becomes the next call's scratch
   }
 
   /// dy: (N, C) as y. Accumulates every block's gradients; if dx is given,
@@ -299,10 +316,11 @@ class SwinStage {
     const Index N = ctx.blocks.front().shape.rows(), C = blocks.front().dim();
     VQKIT_REQUIRE(dy.rows() == N && dy.cols() == C, where, "dy is ", dy.rows(), "x", dy.cols(),
                   ", expected ", N, "x", C, " (N from the forward input, dim=", C, ")");
-    RowMatrix<T> g = dy;
+    RowMatrix<T>& g = g_;  // a copy: dx may alias dy
+    g = dy;
     for (std::size_t i = blocks.size(); i-- > 1;) blocks[i].backward(ctx.blocks[i], g, &g);
     blocks.front().backward(ctx.blocks.front(), g, dx != nullptr ? &g : nullptr);
-    if (dx != nullptr) *dx = std::move(g);
+    if (dx != nullptr) dx->swap(g);  // dx's old buffer becomes the next call's scratch
   }
 
   /// Every block's parameters, prefixed "blocks.<i>." (then `prefix`).
@@ -321,6 +339,9 @@ class SwinStage {
   Index depth() const { return static_cast<Index>(blocks.size()); }
 
   std::vector<Block> blocks;
+
+ private:
+  RowMatrix<T> g_;  // backward's scratch, kept for the next call
 };
 
 }  // namespace vqkit

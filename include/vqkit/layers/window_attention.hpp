@@ -129,6 +129,15 @@ class WindowAttention {
   /// x: (N, C) with N = shape.rows(); shift in [0, window). Resizes and fills
   /// y (N, C); y may be the same matrix as x.
   Context forward(ConstMatrixRef<T> x, RowMatrix<T>& y, const MapShape& shape, Index shift) const {
+    Context ctx;
+    forward(x, y, shape, shift, ctx);
+    return ctx;
+  }
+
+  /// The same into a context whose buffers are reused from call to call (no
+  /// large allocation once it has held a map of this shape).
+  void forward(ConstMatrixRef<T> x, RowMatrix<T>& y, const MapShape& shape, Index shift,
+               Context& ctx) const {
     const char* where = "WindowAttention::forward";
     check_state(where);
     check_input(x.rows(), x.cols(), shape, shift, where);
@@ -136,14 +145,15 @@ class WindowAttention {
     const Index nwin = windows(shape);
     const int threads = backend_.num_threads();
     const bool parallel = nwin > 1 && nwin * n * n * C >= kParallelWork;
-    Context ctx;
     ctx.shape = shape;
     ctx.shift = shift;
-    ctx.qkv = qkv.forward(x, ctx.qkv_out);  // copies x: y may alias x
+    qkv.forward(x, ctx.qkv_out, ctx.qkv);  // copies x: y may alias x
     ctx.probs.resize(nwin * nh, n * n);
     const RowMatrix<T> bias = dense_bias();  // (nh, n*n)
     const T scale = T(1) / std::sqrt(static_cast<T>(d));
-    RowMatrix<T> o(shape.rows(), C);
+    // The heads' outputs go straight into proj's context (its input copy).
+    RowMatrix<T>& o = ctx.proj.input;
+    o.resize(shape.rows(), C);
     const RowMatrix<T>& qkv_out = ctx.qkv_out;
     RowMatrix<T>& probs = ctx.probs;
 
@@ -190,8 +200,7 @@ class WindowAttention {
         for (Index t = 0; t < n; ++t) o.row(rows[t]) = out.row(t);
       }
     }
-    ctx.proj = proj.forward(o, y);
-    return ctx;
+    proj.forward(o, y, ctx.proj);  // o is already the context's input: not copied
   }
 
   /// dy: (N, C) as y. Accumulates the gradients of qkv, proj and the table;
@@ -211,10 +220,13 @@ class WindowAttention {
     const int threads = backend_.num_threads();
     const bool parallel = nwin > 1 && nwin * n * n * C >= kParallelWork;
 
-    RowMatrix<T> dout;  // dL/do (N, C)
+    // Scratch kept by the layer from call to call.
+    RowMatrix<T>& dout = dout_;  // dL/do (N, C)
     proj.backward(ctx.proj, dy, &dout);
-    RowMatrix<T> dqkv(shape.rows(), 3 * C);
-    RowMatrix<T> dbias_win(nwin, nh * n * n);  // per-window partials of dS
+    RowMatrix<T>& dqkv = dqkv_;
+    dqkv.resize(shape.rows(), 3 * C);
+    RowMatrix<T>& dbias_win = dbias_win_;  // per-window partials of dS
+    dbias_win.resize(nwin, nh * n * n);
     const RowMatrix<T>& qkv_out = ctx.qkv_out;
 
 #pragma omp parallel num_threads(threads) if (parallel)
@@ -408,6 +420,9 @@ class WindowAttention {
   Index dim_;
   Index heads_;
   Index window_;
+  // backward's scratch, kept so that a training loop does not map and fault
+  // in fresh pages every step.
+  RowMatrix<T> dout_, dqkv_, dbias_win_;
 
  public:
   Linear<T, Backend> qkv;                       // C -> 3C
