@@ -432,7 +432,11 @@ int run(const Options& o) {
     for (const auto& row : val_history) val_csv->row(row);
   }
   double last_val_mae = std::nan("");
+  // Validation and checkpoints run between steps: the activations the
+  // tokenizer keeps for the next step are freed first (the next step maps
+  // them again), so they do not add to these passes' peak memory.
   const auto validate = [&](std::int64_t step) {
+    tk.release_buffers();
     const Scores tr = score_frames(tk, train_probe, o.val_rays);
     const Scores va = score_frames(tk, val_frames, o.val_rays);
     std::vector<double> row{static_cast<double>(step), tr.mae, tr.within, static_cast<double>(tr.codes),
@@ -447,6 +451,7 @@ int run(const Options& o) {
                                                 {"run.threads", std::to_string(threads)}};
   const auto save = [&](std::int64_t step) {
     const std::string p = checkpoint_name(ckpt_dir, step);
+    tk.release_buffers();
     vqkit::save_training_checkpoint(p, tk, opt, step, data_rng, meta);
     return p;
   };

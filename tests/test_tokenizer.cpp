@@ -7,6 +7,7 @@
 // is checked this way; every layer above it has its own test), and a few
 // training steps on a real KITTI frame lower the loss.
 #include <catch2/catch.hpp>
+#include <vqkit/core/simd.hpp>
 #include <vqkit/lidar/kitti.hpp>
 #include <vqkit/lidar/synthetic_scene.hpp>
 #include <vqkit/models/tokenizer.hpp>
@@ -183,6 +184,72 @@ TEST_CASE("decoder, heads and rendering gradients match finite differences", "[t
     }
   }
   CHECK(checked >= 3 * 20);
+}
+
+// Tokenizer::step keeps the net's context and scratch from step to step, and
+// (float on an AVX-512F CPU) the point- and voxel-level layers run on padded
+// rows whose count only grows (TokenizerNet::Context). A step after batches
+// of other sizes (smaller, then larger) must give what a fresh tokenizer
+// gives on that batch, bit for bit: losses, depths, logits, codes and every
+// gradient. Run with the AVX-512 kernels and without them (no padding).
+TEST_CASE("a step after batches of other sizes gives what a fresh tokenizer gives",
+          "[tokenizer]") {
+  const TokenizerConfig cfg = tiny_config();
+  const RowMatrix<float> full = one_frame();
+  auto frame = [&](Index every, float scale) {
+    RowMatrix<float> pts((full.rows() + every - 1) / every, full.cols());
+    for (Index i = 0; i < pts.rows(); ++i) pts.row(i) = full.row(every * i);
+    pts.leftCols<3>() *= scale;
+    return pts;
+  };
+  bool generic = false;
+  SECTION("AVX-512 kernels where the CPU has them (padded rows)") { generic = false; }
+  SECTION("generic kernels (no padding)") { generic = true; }
+  struct Restore {
+    ~Restore() { vqkit::detail::avx512_disabled = false; }
+  } restore;
+  vqkit::detail::avx512_disabled = generic;
+  const bool padded = vqkit::detail::cpu_has_avx512f();
+  vqkit::Rng rng(3), fresh_rng(3), data(8);
+  vqkit::Tokenizer<float> reused(cfg, rng), fresh(cfg, fresh_rng);
+  reused.eval();  // fixed codebook: a step's result depends on the batch alone
+  fresh.eval();
+  using Frames = std::vector<RowMatrix<float>>;
+  const auto small = reused.make_batch(Frames{frame(40, 0.25f)}, data, cfg.rays_per_frame);
+  const auto other = reused.make_batch(Frames{frame(60, 0.3f)}, data, cfg.rays_per_frame);
+  const auto large =
+      reused.make_batch(Frames{frame(10, 0.25f), frame(15, 0.2f)}, data, cfg.rays_per_frame);
+  REQUIRE(large.vox.point_count() > 2 * small.vox.point_count());
+  REQUIRE(other.vox.point_count() < small.vox.point_count());
+  for (const auto* b : {&small, &other, &large}) {
+    reused.zero_grad();
+    reused.step(*b, true);
+  }
+  reused.zero_grad();
+  const auto a = reused.step(small, true);
+  fresh.zero_grad();
+  const auto f = fresh.step(small, true);
+
+  CHECK(a.loss.total == f.loss.total);
+  CHECK(a.codes == f.codes);
+  CHECK(a.depth == f.depth);
+  CHECK(a.logits == f.logits);
+  auto pa = reused.parameters(), pf = fresh.parameters();
+  REQUIRE(pa.size() == pf.size());
+  for (std::size_t i = 0; i < pa.size(); ++i) {
+    INFO(pa[i].name);
+    CHECK(*pa[i].grad == *pf[i].grad);
+  }
+  // The shapes the net reports are the batch's, not the padded ones.
+  vqkit::TokenizerNet<float>::Output out;
+  vqkit::TokenizerNet<float>::Context ctx;
+  reused.net.forward(vqkit::Tokenizer<float>::net_input(small.vox), out, ctx);
+  CHECK(out.trace.at(0).rows == small.vox.point_count());
+  CHECK(out.trace.at(1).rows == small.vox.voxel_count());
+  if (padded)  // the capacity the large batch left
+    CHECK(ctx.padded_point_voxel.size() > large.vox.point_count());
+  else
+    CHECK(ctx.padded_point_voxel.size() == small.vox.point_count());
 }
 
 TEST_CASE("a bad config or voxel grid is rejected with a clear message", "[tokenizer][errors]") {

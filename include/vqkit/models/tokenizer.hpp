@@ -96,8 +96,11 @@ class Tokenizer {
   /// Forward, losses and (when `backward`) gradients accumulated into every
   /// parameter. The quantizer updates its EMA codebook in training mode.
   StepResult step(const Batch& b, bool backward) {
-    auto& out = out_;  // kept between steps: its feature grid buffer is reused
-    const auto nctx = net.forward(net_input(b.vox), out);
+    // Kept between steps: the feature grid and every layer's context reuse
+    // their buffers (fresh ones would be mapped and faulted in each step).
+    auto& out = out_;
+    auto& nctx = nctx_;
+    net.forward(net_input(b.vox), out, nctx);
     StepResult r;
     r.metrics = nctx.vq.metrics;
     r.codes = nctx.vq.indices;
@@ -181,6 +184,21 @@ class Tokenizer {
   void train(bool on = true) { net.train(on); }
   void eval() { net.eval(); }
 
+  /// Frees the buffers kept between steps (the net's context and scratch,
+  /// the feature grid, its gradient and the render context: about the step's
+  /// activations, ~200 MB at the small config). The next step allocates them
+  /// afresh (and, with glibc, faults their pages in again); call it before
+  /// something memory-hungry between steps (a checkpoint, a validation
+  /// pass), or when training is done. Changes no parameter or state.
+  void release_buffers() {
+    out_ = {};
+    nctx_ = {};
+    dgrid_ = RowMatrix<T>();
+    rc_ = {};
+    weights_ = RowMatrix<T>();
+    net.release_buffers();
+  }
+
   static typename TokenizerNet<T, Backend>::Input net_input(const lidar::Voxelization<T>& v) {
     typename TokenizerNet<T, Backend>::Input in;
     in.point_offset = v.point_offset;
@@ -218,6 +236,7 @@ class Tokenizer {
   // Buffers of the feature grid's size, the step's largest, reused across
   // steps (fresh ones would be mapped and faulted in page by page each step).
   typename TokenizerNet<T, Backend>::Output out_;
+  typename TokenizerNet<T, Backend>::Context nctx_;
   RowMatrix<T> dgrid_;
 
   struct RenderContext {

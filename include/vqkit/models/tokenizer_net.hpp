@@ -34,12 +34,14 @@
 #pragma once
 
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "vqkit/core/backend.hpp"
 #include "vqkit/core/error.hpp"
 #include "vqkit/core/random.hpp"
+#include "vqkit/core/simd.hpp"
 #include "vqkit/core/types.hpp"
 #include "vqkit/layers/activations.hpp"
 #include "vqkit/layers/embedding.hpp"
@@ -73,6 +75,14 @@ class TokenizerNet {
   /// Everything backward needs.
   struct Context {
     Input input;
+    // Where padding is exact (padding_is_exact), the point- and voxel-level
+    // layers run on Pc >= P rows and Vc > V rows (padded_rows): padding
+    // points have zero offsets and belong to voxel V, a padding voxel;
+    // padding voxels have z level 0 and are left out of the BEV sum, and
+    // their gradient is zero, so they change no result. Elsewhere Pc = P and
+    // Vc = V.
+    IndexVector padded_point_voxel;  // (Pc) point_voxel, then V
+    Index voxel_rows = 0;            // Vc
     typename Linear<T, Backend>::Context pn_fc1;
     typename LayerNorm<T, Backend>::Context pn_ln1;
     typename Relu<T, Backend>::Context pn_relu;
@@ -164,82 +174,113 @@ class TokenizerNet {
 
   /// Runs the network. The quantizer updates its codebook when training.
   Context forward(const Input& in, Output& out) {
+    Context c;
+    forward(in, out, c);
+    return c;
+  }
+
+  /// The same into a context whose buffers are reused from step to step (a
+  /// training loop that keeps `c` and `out` maps no fresh pages for them once
+  /// a batch of the same size has run). c is overwritten whole.
+  void forward(const Input& in, Output& out, Context& c) {
     const char* where = "TokenizerNet::forward";
     check_input(in, where);
-    Context c;
+    const Index P = in.point_offset.rows(), V = in.voxels;
+    require_ids_in_range(in.point_voxel, V, where, "point_voxel", "voxels");
     c.input = in;
     out.trace.clear();
     const Index B = in.batch;
-    // PointNet over points, summed per voxel.
-    RowMatrix<T> h;
-    c.pn_fc1 = pn_fc1.forward(in.point_offset, h);
-    c.pn_ln1 = pn_ln1.forward(h, h);
-    c.pn_relu = pn_relu.forward(h, h);
-    c.pn_fc2 = pn_fc2.forward(h, h);
-    record(out, "pointnet.points", h);
-    RowMatrix<T> v;
-    segment_sum<T>(backend_, h, in.point_voxel, in.voxels, v);
-    c.pn_norm = pn_norm.forward(v, v);
-    record(out, "pointnet.voxels", v);
+    // Where one layer feeds the next, it writes straight into the next one's
+    // context (its input copy), which then copies nothing.
+    // PointNet over points, summed per voxel; padded (see Context).
+    const bool pad = padding_is_exact();
+    const Index Pc = pad ? padded_rows(P, point_rows_) : P;
+    const Index Vc = pad ? padded_rows(V + 1, voxel_rows_) : V;
+    RowMatrix<T>& pts = s_.pts;
+    pts.resize(Pc, 3);
+    pts.topRows(P) = in.point_offset;
+    pts.bottomRows(Pc - P).setZero();
+    c.padded_point_voxel.resize(Pc);
+    c.padded_point_voxel.head(P) = in.point_voxel;
+    c.padded_point_voxel.tail(Pc - P).setConstant(V);
+    c.voxel_rows = Vc;
+    IndexVector& vz = s_.voxel_z;
+    vz.resize(Vc);
+    vz.head(V) = in.voxel_z;
+    vz.tail(Vc - V).setZero();
+    RowMatrix<T>& h = s_.h;
+    pn_fc1.forward(pts, c.pn_ln1.input, c.pn_fc1);
+    pn_ln1.forward(c.pn_ln1.input, c.pn_relu.input, c.pn_ln1);
+    pn_relu.forward(c.pn_relu.input, c.pn_fc2.input, c.pn_relu);
+    pn_fc2.forward(c.pn_fc2.input, h, c.pn_fc2);
+    record(out, "pointnet.points", P, h.cols());
+    RowMatrix<T>& v = s_.v;
+    segment_sum<T>(backend_, h, c.padded_point_voxel, Vc, v);
+    pn_norm.forward(v, v, c.pn_norm);
+    record(out, "pointnet.voxels", V, v.cols());
     // BEV pooling: + z-embedding, MLP, sum over z into the dense BEV map.
-    RowMatrix<T> z;
-    c.z_embed = z_embed.forward(in.voxel_z, z);
+    RowMatrix<T>& z = s_.z;
+    z_embed.forward(vz, z, c.z_embed);
     v += z;
-    c.bev_mlp = bev_mlp.forward(v, v);
-    record(out, "bev.mlp", v);
-    RowMatrix<T> bev;
-    segment_sum<T>(backend_, v, in.voxel_bev_row, bev_shape(B).rows(), bev);
-    c.bev_norm = bev_norm.forward(bev, bev);
+    bev_mlp.forward(v, v, c.bev_mlp);
+    record(out, "bev.mlp", V, v.cols());
+    RowMatrix<T>& bev = s_.bev;
+    segment_sum<T>(backend_, v.topRows(V), in.voxel_bev_row, bev_shape(B).rows(), bev);
+    bev_norm.forward(bev, bev, c.bev_norm);
     record(out, "bev.map", bev);
     // Encoder.
-    RowMatrix<T> x;
-    c.patch_embed = patch_embed.forward(bev, x, bev_shape(B));
+    RowMatrix<T>& x = s_.x;
+    patch_embed.forward(bev, x, bev_shape(B), c.patch_embed);
     c.pos_embed = pos_embed.forward(x, x, dec_shape(B));
     record(out, "encoder.patch_embed", x);
-    c.enc1 = enc1.forward(x, x, dec_shape(B));
+    enc1.forward(x, x, dec_shape(B), c.enc1);
     record(out, "encoder.stage1", x);
-    c.merge = merge.forward(x, x, dec_shape(B));
+    merge.forward(x, x, dec_shape(B), c.merge);
     record(out, "encoder.merge", x);
-    c.enc2 = enc2.forward(x, x, token_shape(B));
+    enc2.forward(x, x, token_shape(B), c.enc2);
     record(out, "encoder.stage2", x);
     // Quantization.
-    c.pre_ln = pre_ln.forward(x, x);
-    c.pre_act = pre_act.forward(x, x);
-    c.pre_fc = pre_fc.forward(x, out.tokens);
+    pre_ln.forward(x, c.pre_act.input, c.pre_ln);
+    pre_act.forward(c.pre_act.input, c.pre_fc.input, c.pre_act);
+    pre_fc.forward(c.pre_fc.input, out.tokens, c.pre_fc);
     record(out, "pre_vq", out.tokens);
-    RowMatrix<T> q;
-    c.vq = vq.forward(out.tokens, q);
+    RowMatrix<T>& q = s_.q;
+    vq.forward(out.tokens, q, c.vq);
     VQKIT_REQUIRE(!c.vq.skipped, where, "the quantizer skipped a non-finite batch of tokens");
     record(out, "vq", q);
-    c.post_fc = post_fc.forward(q, x);
+    post_fc.forward(q, x, c.post_fc);
     record(out, "post_vq", x);
     // Decoder.
-    c.dec2 = dec2.forward(x, x, token_shape(B));
+    dec2.forward(x, x, token_shape(B), c.dec2);
     record(out, "decoder.stage2", x);
-    c.up = up.forward(x, x, token_shape(B));
+    up.forward(x, x, token_shape(B), c.up);
     record(out, "decoder.upsample", x);
-    c.dec1 = dec1.forward(x, x, dec_shape(B));
+    dec1.forward(x, x, dec_shape(B), c.dec1);
     record(out, "decoder.stage1", x);
     // Heads.
     // The grid head's tensors are the step's largest (B * feature_grid_xy^2 *
     // feature_grid_z * feature_channels values, 33 MB at the small config):
     // they go to buffers reused from step to step (grid_scratch_, and
     // out.grid when the caller keeps `out`), not to fresh allocations.
-    RowMatrix<T> g;
-    c.grid_ln = grid_ln.forward(x, g);
-    c.grid_fc = grid_fc.forward(g, grid_scratch_);
+    grid_ln.forward(x, c.grid_fc.input, c.grid_ln);
+    grid_fc.forward(c.grid_fc.input, grid_scratch_, c.grid_fc);
     depth_to_space<T>(grid_scratch_, grid_shape(B), config.feature_upsample(),
                       SubpixelOrder::row_major, out.grid, grid_fc.backend());
     record(out, "grid_head", out.grid);
-    c.skip_ln = skip_ln.forward(x, g);
-    if (skip_down(config) > 1)
-      g = space_to_depth<T>(g, dec_shape(B), skip_down(config), SubpixelOrder::row_major);
-    c.skip_fc = skip_fc.forward(g, out.logits);
-    if (skip_up(config) > 1)
-      out.logits = depth_to_space<T>(out.logits, occupancy_shape(B), skip_up(config),
-                                     SubpixelOrder::row_major);
+    if (skip_down(config) > 1) {
+      skip_ln.forward(x, s_.g, c.skip_ln);
+      space_to_depth<T>(s_.g, dec_shape(B), skip_down(config), SubpixelOrder::row_major,
+                        c.skip_fc.input, backend_);
+    } else {
+      skip_ln.forward(x, c.skip_fc.input, c.skip_ln);
+    }
+    skip_fc.forward(c.skip_fc.input, out.logits, c.skip_fc);
+    if (skip_up(config) > 1) {
+      depth_to_space<T>(out.logits, occupancy_shape(B), skip_up(config), SubpixelOrder::row_major,
+                        s_.g2, backend_);
+      out.logits.swap(s_.g2);
+    }
     record(out, "skip_head", out.logits);
-    return c;
   }
 
   /// dgrid (B*F*F, feature_grid_z*feature_channels) and dlogits like
@@ -258,18 +299,24 @@ class TokenizerNet {
                   occupancy_shape(B).rows(), "x", config.voxels_z);
     space_to_depth<T>(dgrid, grid_shape(B), config.feature_upsample(), SubpixelOrder::row_major,
                       grid_scratch_, grid_fc.backend());
-    RowMatrix<T> dx, d2;
+    // Scratch kept from step to step (s_): no fresh pages once a batch of
+    // the same size has run.
+    RowMatrix<T>& dx = s_.dx;
+    RowMatrix<T>& d2 = s_.d2;
     grid_fc.backward(c.grid_fc, grid_scratch_, &dx);
     grid_ln.backward(c.grid_ln, dx, &dx);
     if (skip_up(config) > 1) {
-      const RowMatrix<T> dl = space_to_depth<T>(dlogits, occupancy_shape(B), skip_up(config),
-                                                SubpixelOrder::row_major);
-      skip_fc.backward(c.skip_fc, dl, &d2);
+      space_to_depth<T>(dlogits, occupancy_shape(B), skip_up(config), SubpixelOrder::row_major,
+                        s_.g2, backend_);
+      skip_fc.backward(c.skip_fc, s_.g2, &d2);
     } else {
       skip_fc.backward(c.skip_fc, dlogits, &d2);
     }
-    if (skip_down(config) > 1)
-      d2 = depth_to_space<T>(d2, dec_shape(B), skip_down(config), SubpixelOrder::row_major);
+    if (skip_down(config) > 1) {
+      depth_to_space<T>(d2, dec_shape(B), skip_down(config), SubpixelOrder::row_major, s_.g2,
+                        backend_);
+      d2.swap(s_.g2);
+    }
     skip_ln.backward(c.skip_ln, d2, &d2);
     dx += d2;
     dec1.backward(c.dec1, dx, &dx);
@@ -286,14 +333,23 @@ class TokenizerNet {
     pos_embed.backward(c.pos_embed, dx, &dx);
     patch_embed.backward(c.patch_embed, dx, &dx);
     bev_norm.backward(c.bev_norm, dx, &dx);
-    // Sum over pillars: its backward gathers each voxel's pillar gradient.
-    RowMatrix<T> dv;
-    gather_rows<T>(backend_, dx, c.input.voxel_bev_row, dv);
+    // Sum over pillars: its backward gathers each voxel's pillar gradient
+    // (zero for the padding voxels).
+    RowMatrix<T>& dv = s_.dv;
+    const Index V = c.input.voxels;
+    require_ids_in_range(c.input.voxel_bev_row, dx.rows(), where, "voxel_bev_row", "BEV cells");
+    dv.resize(c.voxel_rows, dx.cols());
+    detail::parallel_rows(backend_, c.voxel_rows, dx.cols(), [&](Index i) {
+      if (i < V)
+        dv.row(i) = dx.row(c.input.voxel_bev_row[i]);
+      else
+        dv.row(i).setZero();
+    });
     bev_mlp.backward(c.bev_mlp, dv, &dv);
     z_embed.backward(c.z_embed, dv);
     pn_norm.backward(c.pn_norm, dv, &dv);
-    RowMatrix<T> dp;
-    gather_rows<T>(backend_, dv, c.input.point_voxel, dp);
+    RowMatrix<T>& dp = s_.dp;
+    gather_rows<T>(backend_, dv, c.padded_point_voxel, dp);
     pn_fc2.backward(c.pn_fc2, dp, &dp);
     pn_relu.backward(c.pn_relu, dp, &dp);
     pn_ln1.backward(c.pn_ln1, dp, &dp);
@@ -334,6 +390,14 @@ class TokenizerNet {
     vq.zero_grad();
   }
 
+  /// Frees the scratch kept from step to step (forward's and backward's
+  /// intermediate maps, the grid head's buffer); the next forward allocates
+  /// them afresh. The padded row counts are kept. Changes no parameter.
+  void release_buffers() {
+    s_ = Scratch{};
+    grid_scratch_ = RowMatrix<T>();
+  }
+
   void train(bool on = true) { vq.train(on); }
   void eval() { vq.eval(); }
 
@@ -368,11 +432,43 @@ class TokenizerNet {
  private:
   Backend backend_;
   RowMatrix<T> grid_scratch_;  // the grid head's output / gradient, reused across steps
+  // forward's and backward's intermediate maps, kept from step to step.
+  struct Scratch {
+    RowMatrix<T> pts, h, v, z, bev, x, q, g, g2;  // forward
+    IndexVector voxel_z;                          // forward: padded voxel_z
+    RowMatrix<T> dx, d2, dv, dp;                  // backward
+  };
+  Scratch s_;
+  Index point_rows_ = 0, voxel_rows_ = 0;  // padded_rows' capacities
 
   /// The skip head's resolution change: the coarse occupancy grid is
   /// occupancy_pool voxels per cell, a decoder token patch_size voxels.
   static void record(Output& out, const char* name, const RowMatrix<T>& m) {
     out.trace.push_back({name, m.rows(), m.cols()});
+  }
+  static void record(Output& out, const char* name, Index rows, Index cols) {
+    out.trace.push_back({name, rows, cols});
+  }
+  // Rows for n real ones: the capacity so far, grown by 1/8 (and to a
+  // multiple of 256) when n exceeds it. The point and voxel counts change
+  // from batch to batch; buffers of a size that only grows are reused by
+  // malloc instead of being returned to the system and faulted in afresh.
+  static Index padded_rows(Index n, Index& capacity) {
+    if (n > capacity) capacity = (n + n / 8 + 255) / 256 * 256;
+    return capacity;
+  }
+  // Padding rows change no bit where the GEMM is the AVX-512 kernel: it sums
+  // over rows (the weight gradients) in fixed blocks of 128 from row 0, so
+  // zero rows at the end add exact zeros, and every other use of the rows
+  // is per row or a sum in row order. Eigen's products (double, or a CPU
+  // without AVX-512F) choose their blocking from the row count, so there a
+  // history-dependent padding would change the rounding (and an exact
+  // resume): no padding.
+  static bool padding_is_exact() {
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<Backend, cpu>)
+      return detail::cpu_has_avx512f();
+    else
+      return false;
   }
   static Index skip_down(const TokenizerConfig& c) {
     return c.occupancy_pool > c.patch_size ? c.occupancy_pool / c.patch_size : 1;
