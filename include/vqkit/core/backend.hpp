@@ -98,8 +98,6 @@ void parallel_column_ranges(const cpu& be, I n, I cols, F&& f) {
   });
 }
 
-/// dst = src (Eigen matrices), resizing dst, the rows copied on be's threads
-/// when large. dst must not overlap src unless it is src.
 // Whether two row-major matrices (or blocks, or Refs) share any storage.
 template <class A, class B>
 bool storage_overlaps(const A& a, const B& b) {
@@ -112,6 +110,8 @@ bool storage_overlaps(const A& a, const B& b) {
   return lt(a0, b1) && lt(b0, a1);
 }
 
+/// dst = src (Eigen matrices), resizing dst, the rows copied on be's threads
+/// when large. dst must not overlap src unless it is src.
 template <class Src, class Dst>
 void copy_rows(const cpu& be, const Src& src, Dst& dst) {
   // A matrix copied onto itself (a layer that filled its context's buffer in

@@ -70,10 +70,7 @@ class Embedding {
     check_state("Embedding::forward");
     require_ids_in_range(idx, num_, "Embedding::forward", "index", "num_embeddings");
     ctx.indices = idx;
-    if (detail::storage_overlaps(y, weight))  // y is the table itself
-      y = detail::gather_rows_unchecked<T>(backend_, weight, ctx.indices);
-    else
-      detail::gather_rows_into<T>(backend_, weight, ctx.indices, y);
+    detail::gather_rows_into<T>(backend_, weight, ctx.indices, y);  // y may be the table
   }
 
   /// dy: (N, D). Accumulates weight_grad (scatter-add by the forward indices).

@@ -110,7 +110,7 @@ class Linear {
       });
     }
     if (dx != nullptr) {
-      if (overlaps(*dx, dy)) {
+      if (detail::storage_overlaps(*dx, dy)) {
         RowMatrix<T> tmp(dy.rows(), in_);
         gemm<T>(backend_, Op::none, dy, Op::none, weight, tmp, false);
         *dx = std::move(tmp);
@@ -166,16 +166,6 @@ class Linear {
                   bias.cols(), ", expected ", br, "x", bc);
     VQKIT_REQUIRE(bias_grad.rows() == br && bias_grad.cols() == bc, where, "bias_grad is ",
                   bias_grad.rows(), "x", bias_grad.cols(), ", expected ", br, "x", bc);
-  }
-
-  static bool overlaps(const RowMatrix<T>& a, const ConstMatrixRef<T>& b) {
-    if (a.size() == 0 || b.size() == 0) return false;
-    const T* a0 = a.data();
-    const T* a1 = a0 + a.size();
-    const T* b0 = b.data();
-    const T* b1 = b0 + (b.rows() - 1) * b.outerStride() + b.cols();
-    std::less<const T*> lt;
-    return lt(a0, b1) && lt(b0, a1);
   }
 };
 

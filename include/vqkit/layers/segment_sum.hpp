@@ -122,15 +122,19 @@ void segment_sum_add_unchecked(const cpu& be, ConstMatrixRef<T> x, ConstIndexVec
 }
 
 // out (N, C) = src rows ids, into out's buffer (reused when it has the
-// size); ids already checked, out is not src's storage.
+// size); ids already checked. out may be (or overlap) src: then the rows go
+// to a fresh matrix first.
 template <class T>
 void gather_rows_into(const cpu& be, ConstMatrixRef<T> src, ConstIndexVectorRef ids,
                       RowMatrix<T>& out) {
-  out.resize(ids.size(), src.cols());
+  RowMatrix<T> fresh;
+  RowMatrix<T>& dst = storage_overlaps(out, src) ? fresh : out;
+  dst.resize(ids.size(), src.cols());
   const int nt = threads_for(be, ids.size() * src.cols());
   (void)nt;
 #pragma omp parallel for schedule(static) num_threads(nt)
-  for (Index n = 0; n < ids.size(); ++n) out.row(n) = src.row(ids[n]);
+  for (Index n = 0; n < ids.size(); ++n) dst.row(n) = src.row(ids[n]);
+  if (&dst == &fresh) out.swap(fresh);
 }
 
 // The same into a fresh matrix.
@@ -181,10 +185,7 @@ void segment_sum_add(const cpu& be, ConstMatrixRef<T> x, ConstIndexVectorRef ids
 template <class T>
 void gather_rows(const cpu& be, ConstMatrixRef<T> src, ConstIndexVectorRef ids, RowMatrix<T>& out) {
   require_ids_in_range(ids, src.rows(), "gather_rows", "ids", "source rows");
-  if (detail::storage_overlaps(out, src))
-    out = detail::gather_rows_unchecked<T>(be, src, ids);
-  else
-    detail::gather_rows_into<T>(be, src, ids, out);  // out's buffer reused
+  detail::gather_rows_into<T>(be, src, ids, out);  // out's buffer reused
 }
 
 /// Dense map y (B*H*W, C) from sparse rows x (N, C) at coords (N, 3) (b, y, x);
